@@ -1,0 +1,221 @@
+"""Settings of the anomaly-filter analysis and the rules that flag a filter.
+
+One table, :data:`CONSTRAINTS`, states what each setting accepts. The constructor of
+:class:`AnomalyCriteria` validates against it, the docs render it and the tests walk it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+LayerStatistic = Literal["median", "mean"]
+
+
+@dataclass(frozen=True)
+class _Rule:
+    kind: type | tuple[type, ...]
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    choices: tuple[Any, ...] | None = None
+    hint: str = ""
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        lo = "(" if self.low_open else "["
+        low = "-inf" if self.low is None else f"{self.low:g}"
+        high = "inf" if self.high is None else f"{self.high:g}"
+        return f"a {_kind_name(self.kind)} in {lo}{low}, {high}]"
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    if isinstance(kind, tuple):
+        return " or ".join(k.__name__ for k in kind)
+    return kind.__name__
+
+
+#: What each scalar setting of :class:`AnomalyCriteria` accepts.
+CONSTRAINTS: dict[str, _Rule] = {
+    "min_cluster_size": _Rule(int, low=1, hint="the paper uses a handful of samples, e.g. 5"),
+    "ch_ratio": _Rule((int, float), low=0.0, low_open=True, hint="1.0 means 'above the layer's typical CH'"),
+    "activation_ratio": _Rule(
+        (int, float), low=0.0, low_open=True, hint="1.0 means 'above the layer's typical activation'"
+    ),
+    "n_components": _Rule(
+        int, low=1, high=2, hint="the paper projects to 2 dimensions; the closed-form mixture algebra covers 1 and 2"
+    ),
+    "layer_statistic": _Rule(str, choices=("median", "mean"), hint="'median' resists dead filters"),
+    "max_iter": _Rule(int, low=1, hint="100 is scikit-learn's default"),
+    "tol": _Rule((int, float), low=0.0, low_open=True, hint="1e-3 is scikit-learn's default"),
+    "reg_covar": _Rule((int, float), low=0.0, hint="1e-6 is scikit-learn's default"),
+    "kmeans_iter": _Rule(int, low=0, hint="a few Lloyd steps after k-means++ seeding"),
+}
+
+
+def _check(name: str, value: Any) -> None:
+    rule = CONSTRAINTS[name]
+    ok_type = isinstance(value, rule.kind) and not isinstance(value, bool)
+    if not ok_type:
+        raise TypeError(f"{name} must be {rule.describe()}, got {value!r} ({type(value).__name__}); {rule.hint}")
+    if rule.choices is not None:
+        if value not in rule.choices:
+            raise ValueError(f"{name} must be {rule.describe()}, got {value!r}; {rule.hint}")
+        return
+    bad = not math.isfinite(float(value)) and not (rule.high is None and value == math.inf)
+    if rule.low is not None and (value < rule.low or (rule.low_open and value == rule.low)):
+        bad = True
+    if rule.high is not None and value > rule.high:
+        bad = True
+    if bad:
+        raise ValueError(f"{name} must be {rule.describe()}, got {value!r}; {rule.hint}")
+
+
+@dataclass(frozen=True)
+class AnomalyCriteria:
+    """Validated settings of the analysis and the rules that flag an anomaly filter.
+
+    A filter is an *anomaly filter* when all three hold (arXiv 2412.10457, section 3):
+
+    * its best clustering is unbalanced: the smallest cluster holds at most ``min_cluster_size``
+      probe samples;
+    * its Calinski-Harabasz index is above ``ch_ratio`` (the paper's beta) times the layer's
+      typical CH;
+    * its activation (mean absolute value of its feature maps over the probe) is above
+      ``activation_ratio`` (the paper's theta) times the layer's typical activation.
+
+    "Typical" is the median (default) or the mean over the layer's non-degenerate filters.
+    Degenerate filters (constant, dead, non-finite maps) are never flagged and never enter it.
+
+    Example::
+
+        >>> from lightning_anomaly import AnomalyCriteria
+        >>> c = AnomalyCriteria(min_cluster_size=3, k_range=(2, 4))
+        >>> c.k_values
+        (2, 3, 4)
+        >>> AnomalyCriteria(ch_ratio=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: ch_ratio must be a int or float in (0, inf], got 0; 1.0 means 'above the layer's typical CH'
+
+    Args:
+        min_cluster_size: Largest size (in probe samples) of a cluster that counts as tiny.
+        ch_ratio: Paper's beta: CH must exceed this multiple of the layer's typical CH.
+        activation_ratio: Paper's theta: activation must exceed this multiple of the typical one.
+        k_range: Inclusive ``(low, high)`` range of mixture sizes tried per filter; the k whose
+            labelling maximises CH is kept.
+        n_components: Dimensions of the per-filter PCA (the paper uses 2). Filters whose maps have
+            fewer values (``H * W``) are clustered in ``H * W`` dimensions.
+        layer_statistic: How a layer's typical CH and activation are computed.
+        max_iter: Most EM iterations per mixture.
+        tol: EM stops when the mean log-likelihood per sample changes by less than this.
+        reg_covar: Added to covariance diagonals. Points are scaled to unit mean squared norm per
+            filter first, so this is relative to the filter's spread.
+        kmeans_iter: Lloyd iterations after k-means++ seeding, before EM.
+
+    Raises:
+        TypeError: A setting has the wrong type.
+        ValueError: A setting is out of its range; the message gives the range and a hint.
+    """
+
+    min_cluster_size: int = 5
+    ch_ratio: float = 1.0
+    activation_ratio: float = 1.0
+    k_range: tuple[int, int] = (2, 6)
+    n_components: int = 2
+    layer_statistic: LayerStatistic = "median"
+    max_iter: int = 100
+    tol: float = 1e-3
+    reg_covar: float = 1e-6
+    kmeans_iter: int = 10
+
+    def __post_init__(self) -> None:
+        for name in CONSTRAINTS:
+            _check(name, getattr(self, name))
+        k = self.k_range
+        if (
+            not isinstance(k, (tuple, list))
+            or len(k) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in k)
+        ):
+            raise TypeError(f"k_range must be a pair of ints (low, high), got {k!r}; e.g. k_range=(2, 6)")
+        if k[0] < 2 or k[1] < k[0]:
+            raise ValueError(
+                f"k_range must satisfy 2 <= low <= high, got {tuple(k)!r}; a mixture needs at least 2 "
+                "components to split off a tiny cluster, e.g. k_range=(2, 6)"
+            )
+        object.__setattr__(self, "k_range", (int(k[0]), int(k[1])))
+
+    @property
+    def k_values(self) -> tuple[int, ...]:
+        """Every mixture size tried, in increasing order."""
+        return tuple(range(self.k_range[0], self.k_range[1] + 1))
+
+    @property
+    def min_probe_size(self) -> int:
+        """Fewest probe samples the analysis accepts: ``max(k_range) + 1``."""
+        return self.k_range[1] + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-type view, suitable for JSON and checkpoints."""
+        d = asdict(self)
+        d["k_range"] = list(self.k_range)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AnomalyCriteria:
+        """Inverse of :meth:`to_dict`."""
+        data = dict(data)
+        if "k_range" in data:
+            data["k_range"] = tuple(data["k_range"])
+        return cls(**data)
+
+    def typical(self, values: Tensor, valid: Tensor) -> float:
+        """A layer's typical value of ``values`` (shape ``(C,)``) over the ``valid`` filters.
+
+        Returns NaN when no filter is valid.
+        """
+        v = values[valid].double()
+        v = v[torch.isfinite(v)]
+        if v.numel() == 0:
+            return math.nan
+        if self.layer_statistic == "median":
+            return float(v.median())
+        return float(v.mean())
+
+    def flag(
+        self, smallest_cluster: Tensor, ch: Tensor, activation: Tensor, degenerate: Tensor
+    ) -> dict[str, Tensor]:
+        """Apply the three rules to one layer.
+
+        Args:
+            smallest_cluster: ``(C,)`` int, size of each filter's smallest non-empty cluster.
+            ch: ``(C,)`` float, each filter's CH at its chosen k (NaN where degenerate).
+            activation: ``(C,)`` float, each filter's activation.
+            degenerate: ``(C,)`` bool.
+
+        Returns:
+            Bool tensors ``(C,)``: ``unbalanced``, ``high_ch``, ``high_activation`` and ``anomaly``
+            (their conjunction, never true for a degenerate filter).
+        """
+        valid = ~degenerate
+        ch_typical = self.typical(ch, valid)
+        act_typical = self.typical(activation, valid)
+        unbalanced = (smallest_cluster <= self.min_cluster_size) & valid
+        high_ch = valid & torch.nan_to_num(ch.double(), nan=-math.inf).gt(self.ch_ratio * ch_typical)
+        high_act = valid & activation.double().gt(self.activation_ratio * act_typical)
+        if math.isnan(ch_typical):
+            high_ch = torch.zeros_like(valid)
+        if math.isnan(act_typical):
+            high_act = torch.zeros_like(valid)
+        return {
+            "unbalanced": unbalanced,
+            "high_ch": high_ch,
+            "high_activation": high_act,
+            "anomaly": unbalanced & high_ch & high_act,
+        }

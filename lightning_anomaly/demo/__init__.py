@@ -1,0 +1,6 @@
+"""The embedded default: scikit-learn's digits (offline) and a small CNN."""
+
+from lightning_anomaly.demo.data import digits_tensors
+from lightning_anomaly.demo.model import SmallCNN
+
+__all__ = ["SmallCNN", "digits_tensors"]

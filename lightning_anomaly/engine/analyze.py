@@ -1,0 +1,281 @@
+"""``analyze``: probe forward -> per-filter PCA -> batched GMM and CH -> anomaly flags -> report."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_anomaly.criteria import AnomalyCriteria
+from lightning_anomaly.engine.capture import LayerCapture, LayerSpec, capture_layers, select_layers
+from lightning_anomaly.engine.gmm import fit_gmm
+from lightning_anomaly.engine.gradients import LossFn, per_sample_grad_norms
+from lightning_anomaly.engine.pca import batched_pca
+from lightning_anomaly.engine.reference import sklearn_cluster, sklearn_pca
+from lightning_anomaly.engine.scores import calinski_harabasz, cluster_sizes
+from lightning_anomaly.report import AnalysisReport, LayerReport
+
+__all__ = ["analyze", "cluster_points"]
+
+Backend = Literal["torch", "sklearn"]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype | None:
+    for t in model.parameters():
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def cluster_points(
+    points: Tensor, criteria: AnomalyCriteria, *, seed: int = 0, backend: Backend = "torch"
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Cluster each filter's points for every k in ``criteria.k_range`` and keep the best k by CH.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_anomaly import AnomalyCriteria
+        >>> pts = torch.randn(4, 64, 2, generator=torch.Generator().manual_seed(0))
+        >>> k, ch, labels, converged = cluster_points(pts, AnomalyCriteria(k_range=(2, 3)))
+        >>> k.shape, labels.shape
+        (torch.Size([4]), torch.Size([4, 64]))
+
+    Args:
+        points: ``(B, N, d)`` float points (``d`` 1 or 2 for the torch backend), finite.
+        criteria: Settings (``k_range``, EM limits).
+        seed: Seed of the initialisation.
+        backend: ``"torch"`` (batched) or ``"sklearn"`` (reference, one filter at a time).
+
+    Returns:
+        ``k`` ``(B,)`` int64 (0 if no k gave two clusters), ``ch`` ``(B,)`` float64 (NaN then),
+        ``labels`` ``(B, N)`` int64 (-1 then) and ``converged`` ``(B,)`` bool, on the CPU.
+    """
+    if backend == "sklearn":
+        return sklearn_cluster(
+            points, criteria.k_values, seed=seed, reg_covar=criteria.reg_covar, max_iter=criteria.max_iter, tol=criteria.tol
+        )
+    b, n, _ = points.shape
+    gen = torch.Generator().manual_seed(seed)
+    chs, labs, convs = [], [], []
+    for k in criteria.k_values:
+        fit = fit_gmm(
+            points,
+            k,
+            generator=gen,
+            max_iter=criteria.max_iter,
+            tol=criteria.tol,
+            reg_covar=criteria.reg_covar,
+            kmeans_iter=criteria.kmeans_iter,
+        )
+        chs.append(calinski_harabasz(points, fit.labels, k))
+        labs.append(fit.labels)
+        convs.append(fit.converged)
+    ch_all = torch.stack(chs)  # (K, B)
+    best = torch.nan_to_num(ch_all, nan=-math.inf).argmax(0)  # first k on ties
+    rows = torch.arange(b, device=points.device)
+    ch = ch_all[best, rows]
+    labels = torch.stack(labs)[best, rows]
+    converged = torch.stack(convs)[best, rows]
+    k = torch.tensor(criteria.k_values, device=points.device)[best]
+    failed = torch.isnan(ch)
+    k = torch.where(failed, torch.zeros_like(k), k)
+    labels = torch.where(failed[:, None], torch.full_like(labels, -1), labels)
+    return k.cpu(), ch.cpu(), labels.cpu(), converged.cpu()
+
+
+def analyze(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor | None = None,
+    *,
+    criteria: AnomalyCriteria | None = None,
+    layers: Sequence[LayerSpec] | None = None,
+    backend: Backend = "torch",
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    loss_fn: LossFn | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    output_transform: Callable[[Any], Tensor] | None = None,
+    on_layer: Callable[[str], None] | None = None,
+) -> AnalysisReport:
+    """Find the anomaly filters of ``model`` on a probe batch (arXiv 2412.10457).
+
+    For every selected conv layer: the probe's feature maps are reduced per filter to
+    ``n_components`` PCA dimensions inside a forward hook; a full-covariance Gaussian mixture is
+    fitted per filter for every k in ``criteria.k_range`` (all filters of all layers batched);
+    the k with the largest Calinski-Harabasz index is kept; filters are flagged by
+    :meth:`AnomalyCriteria.flag`. Samples in the smallest cluster of an anomaly filter are the
+    *outliers*; with ``targets``, their per-sample gradient norms are compared with the others'.
+
+    The model's train/eval modes are restored, every hook is removed, and no global random number
+    is drawn. Same model, probe and seed give the same report.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_anomaly import analyze
+        >>> net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+        >>> x = torch.randn(32, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+        >>> report = analyze(net, x)
+        >>> list(report.layers), report.layers["0"].n_filters
+        (['0', '2'], 8)
+
+    Args:
+        model: Any ``nn.Module`` (unwrap DDP and compiled modules first).
+        inputs: ``(N, ...)`` probe batch; moved to ``device``. Floating inputs take the model's
+            parameter dtype.
+        targets: ``(N,)`` labels (or whatever ``loss_fn`` takes) to compare gradient norms.
+        criteria: Settings and flagging rules; :class:`AnomalyCriteria` defaults when omitted.
+        layers: Names, glob patterns or module classes; every ``nn.Conv2d`` when omitted.
+        backend: ``"torch"`` (batched, on ``device``) or ``"sklearn"`` (the per-filter reference).
+        device: Where to run; the model's device when omitted.
+        seed: Seed of the mixture initialisation (a private generator).
+        loss_fn: Loss for the gradient norms; cross-entropy by default.
+        forward: ``(model, inputs) -> output``; ``model(inputs)`` by default.
+        output_transform: Maps the model's output to ``loss_fn``'s input (tuple or dict outputs).
+        on_layer: Called with each site name as its maps are reduced (progress).
+
+    Returns:
+        An :class:`~lightning_anomaly.AnalysisReport`.
+
+    Raises:
+        ValueError: The probe is smaller than ``max(k_range) + 1``, ``inputs`` is not a tensor with
+            a batch dimension, targets do not match, the backend is unknown, the model has no conv
+            layer or ``layers`` names an unknown module.
+        TypeError: ``criteria`` is not an :class:`AnomalyCriteria`.
+    """
+    start = time.perf_counter()
+    criteria = criteria if criteria is not None else AnomalyCriteria()
+    if not isinstance(criteria, AnomalyCriteria):
+        raise TypeError(f"criteria must be an AnomalyCriteria, got {type(criteria).__name__}")
+    if backend not in ("torch", "sklearn"):
+        raise ValueError(f"backend must be 'torch' or 'sklearn', got {backend!r}")
+    if not isinstance(inputs, Tensor) or inputs.ndim < 2:
+        raise ValueError(
+            "inputs must be a tensor of shape (N, ...) holding the probe batch, got "
+            f"{tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__}"
+        )
+    n = int(inputs.shape[0])
+    if n < criteria.min_probe_size:
+        raise ValueError(
+            f"the probe has {n} samples, fewer than max(k_range)+1={criteria.min_probe_size}; use at least "
+            f"{criteria.min_probe_size} samples (256 recommended) or a smaller k_range"
+        )
+    if targets is not None and (not isinstance(targets, Tensor) or targets.shape[0] != n):
+        raise ValueError(
+            f"targets must be a tensor with one entry per probe sample ({n}), got "
+            f"{tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__}"
+        )
+    sites = select_layers(model, layers)
+    dev = torch.device(device) if device is not None else _model_device(model)
+    x = inputs.to(dev)
+    dtype = _float_dtype(model)
+    if x.is_floating_point() and dtype is not None:
+        x = x.to(dtype)
+
+    pca = sklearn_pca if backend == "sklearn" else batched_pca
+    captures = capture_layers(model, x, sites, criteria.n_components, pca=pca, forward=forward, on_layer=on_layer)
+    layer_reports = _cluster_and_flag(captures, criteria, seed, backend, n)
+
+    counts = torch.zeros(n, dtype=torch.long)
+    for lr in layer_reports.values():
+        for c in lr.anomaly_indices:
+            counts += lr.small_cluster_members(c).long()
+
+    grads = None
+    if targets is not None:
+        grads = per_sample_grad_norms(model, x, targets.to(dev), loss_fn, output_transform=output_transform)
+    return AnalysisReport(
+        layers=layer_reports,
+        n_samples=n,
+        outlier_counts=counts,
+        grad_norms=grads,
+        criteria=criteria.to_dict(),
+        backend=backend,
+        seed=seed,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _cluster_and_flag(
+    captures: list[LayerCapture], criteria: AnomalyCriteria, seed: int, backend: Backend, n: int
+) -> OrderedDict[str, LayerReport]:
+    # All clusterable filters of all layers go into one batch (1-D points padded with a zero
+    # coordinate, which changes neither the mixture fit nor CH).
+    valid = [cap.reason == 0 for cap in captures]
+    padded = []
+    for cap, ok in zip(captures, valid):
+        p = cap.points[ok]
+        if p.shape[-1] == 1 and backend == "torch":
+            p = torch.nn.functional.pad(p, (0, 2 - p.shape[-1]))
+        padded.append(p)
+    reports: OrderedDict[str, LayerReport] = OrderedDict()
+    if backend == "torch":
+        batch = torch.cat(padded) if padded else torch.zeros(0, n, 2)
+        all_k, all_ch, all_labels, all_conv = (
+            cluster_points(batch, criteria, seed=seed) if batch.shape[0] else _empty(n)
+        )
+        splits = [int(p.shape[0]) for p in padded]
+        per_layer = list(zip(*(t.split(splits) for t in (all_k, all_ch, all_labels, all_conv))))
+    else:
+        per_layer = [cluster_points(p, criteria, seed=seed, backend="sklearn") if p.shape[0] else _empty(n) for p in padded]
+
+    for cap, ok, (k_v, ch_v, lab_v, conv_v) in zip(captures, valid, per_layer):
+        c = cap.n_filters
+        reason = cap.reason.cpu().clone()
+        ok_cpu = ok.cpu()
+        k = torch.zeros(c, dtype=torch.long)
+        ch = torch.full((c,), math.nan, dtype=torch.float64)
+        labels = torch.full((c, n), -1, dtype=torch.long)
+        converged = torch.zeros(c, dtype=torch.bool)
+        k[ok_cpu], ch[ok_cpu], labels[ok_cpu], converged[ok_cpu] = k_v, ch_v.double(), lab_v, conv_v
+        reason[ok_cpu & (k == 0)] = 3
+        degenerate = reason != 0
+        sizes = cluster_sizes(labels.clamp_min(0), int(k.max().clamp_min(1)))
+        smallest = torch.where(sizes > 0, sizes, torch.full_like(sizes, n + 1)).amin(1)
+        smallest = torch.where(degenerate, torch.zeros_like(smallest), smallest)
+        activation = cap.activation.cpu()
+        flags = criteria.flag(smallest, ch, activation, degenerate)
+        reports[cap.name] = LayerReport(
+            name=cap.name,
+            n_filters=c,
+            n_components=cap.n_components,
+            map_shape=cap.map_shape,
+            k=k,
+            ch=ch,
+            activation=activation,
+            min_cluster_size=smallest,
+            degenerate=degenerate,
+            reason=reason,
+            explained=cap.explained.cpu(),
+            converged=converged,
+            labels=labels.to(torch.int8),
+            ch_typical=criteria.typical(ch, ~degenerate),
+            activation_typical=criteria.typical(activation, ~degenerate),
+            **flags,
+        )
+    return reports
+
+
+def _empty(n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return (
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, dtype=torch.float64),
+        torch.zeros(0, n, dtype=torch.long),
+        torch.zeros(0, dtype=torch.bool),
+    )

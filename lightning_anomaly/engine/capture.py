@@ -1,0 +1,276 @@
+"""Capture conv feature maps with forward hooks and reduce them to per-filter points in the hook.
+
+Only one layer's maps are alive at a time: each hook turns its layer's ``(N, C, H, W)`` output
+into ``(C, N, q)`` PCA points plus per-filter statistics before the forward moves on, so memory is
+bounded by one layer's probe activations plus ``O(filters x N)``.
+
+A module that runs more than once in one forward (a shared block, a recurrent stem) fires its
+hook once per call. Each call is analysed as its own *site*: the first keeps the module's name, the
+i-th later call is named ``"<name>#<i>"`` (``"block#1"`` for the second call).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_anomaly.engine.pca import batched_pca
+
+__all__ = [
+    "DEGENERATE_REASONS",
+    "LayerCapture",
+    "LayerSpec",
+    "capture_layers",
+    "eval_mode",
+    "reduce_maps",
+    "select_layers",
+]
+
+#: Codes of :attr:`LayerCapture.reason`: why a filter cannot be clustered (0: it can).
+DEGENERATE_REASONS: dict[int, str] = {
+    0: "ok",
+    1: "non-finite maps (NaN or Inf)",
+    2: "constant over the probe (dead or saturated)",
+    3: "no clustering into 2 or more groups was possible",
+}
+# Relative spread under which a filter's maps count as constant over the probe (float32 noise).
+_CONSTANT_RTOL = 1e-6
+# Bytes of float32 maps reduced at once inside a hook.
+_REDUCE_CHUNK_BYTES = 64 << 20
+
+LayerSpec = str | type[nn.Module]
+PCAFn = Callable[[Tensor, int], tuple[Tensor, Tensor]]
+
+
+@dataclass
+class LayerCapture:
+    """One analysed site: a conv module's output during one call.
+
+    Attributes:
+        name: Site name (module name, ``#i`` appended for repeated calls).
+        module_name: Name of the module in ``model.named_modules()``.
+        map_shape: ``(H, W)`` of the feature maps.
+        points: ``(C, N, q)`` float32 PCA points, scaled per filter to unit mean squared norm;
+            zeros for degenerate filters.
+        explained: ``(C,)`` float32 share of the filter's variance that the ``q`` components keep.
+        activation: ``(C,)`` float64 mean absolute activation over the probe (0 if non-finite).
+        reason: ``(C,)`` int8 degeneracy code, see :data:`DEGENERATE_REASONS`.
+    """
+
+    name: str
+    module_name: str
+    map_shape: tuple[int, int]
+    points: Tensor
+    explained: Tensor
+    activation: Tensor
+    reason: Tensor
+
+    @property
+    def n_filters(self) -> int:
+        """Number of output channels."""
+        return int(self.points.shape[0])
+
+    @property
+    def n_components(self) -> int:
+        """Dimensions the filters were clustered in: ``min(n_components, H * W)``."""
+        return int(self.points.shape[-1])
+
+
+def _describe(names: Sequence[str], limit: int = 12) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return shown + more
+
+
+def select_layers(model: nn.Module, layers: Sequence[LayerSpec] | None = None) -> list[tuple[str, nn.Module]]:
+    """Pick the modules to analyse, in ``named_modules()`` order, each once.
+
+    Example::
+
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+        >>> [n for n, _ in select_layers(net)]
+        ['0', '2']
+        >>> [n for n, _ in select_layers(net, ["2"])]
+        ['2']
+
+    Args:
+        model: The network.
+        layers: ``None`` for every :class:`torch.nn.Conv2d`; otherwise module names, glob patterns
+            over names (``"layer1.*"``) or module classes (``nn.Conv2d``), in any mix.
+
+    Raises:
+        ValueError: No conv layer, an unknown name or a pattern that matches nothing (the message
+            lists the valid names).
+        TypeError: An entry is neither a string nor a module class.
+    """
+    named = [(n, m) for n, m in model.named_modules() if n]
+    convs = [n for n, m in named if isinstance(m, nn.Conv2d)]
+    if layers is None:
+        if not convs:
+            raise ValueError(
+                f"{type(model).__name__} has no nn.Conv2d layer to analyse; pass layers=[...] naming "
+                "modules that output (N, C, H, W) maps"
+            )
+        return [(n, m) for n, m in named if isinstance(m, nn.Conv2d)]
+    if isinstance(layers, (str, type)):
+        layers = [layers]
+    chosen: set[str] = set()
+    names = [n for n, _ in named]
+    for spec in layers:
+        if isinstance(spec, str):
+            if any(ch in spec for ch in "*?["):
+                hits = fnmatch.filter(names, spec)
+            else:
+                hits = [spec] if spec in names else []
+            if not hits:
+                raise ValueError(
+                    f"layers entry {spec!r} matches no module of {type(model).__name__}; "
+                    f"conv layers are: {_describe(convs) or 'none'}"
+                )
+            chosen.update(hits)
+        elif isinstance(spec, type) and issubclass(spec, nn.Module):
+            hits = [n for n, m in named if isinstance(m, spec)]
+            if not hits:
+                raise ValueError(f"layers entry {spec.__name__} matches no module of {type(model).__name__}")
+            chosen.update(hits)
+        else:
+            raise TypeError(f"layers entries must be names, glob patterns or nn.Module classes, got {spec!r}")
+    return [(n, m) for n, m in named if n in chosen]
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode and restore every submodule's own mode afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def reduce_maps(maps: Tensor, n_components: int, pca: PCAFn = batched_pca) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Reduce one layer's maps to per-filter points and statistics.
+
+    Args:
+        maps: ``(N, C, H, W)`` output of the layer, any float dtype or memory format.
+        n_components: PCA dimensions (clipped to ``H * W`` and ``N``).
+        pca: Function ``(x (B, N, D), q) -> (scores (B, N, q), variance (B, q))``.
+
+    Returns:
+        ``points`` ``(C, N, q)``, ``explained`` ``(C,)``, ``activation`` ``(C,)`` and ``reason``
+        ``(C,)`` as in :class:`LayerCapture`.
+    """
+    n, c = maps.shape[:2]
+    d = maps[0, 0].numel()
+    q = min(n_components, d, n)
+    points = torch.zeros(c, n, q, dtype=torch.float32, device=maps.device)
+    explained = torch.zeros(c, dtype=torch.float32, device=maps.device)
+    activation = torch.zeros(c, dtype=torch.float64, device=maps.device)
+    reason = torch.zeros(c, dtype=torch.int8, device=maps.device)
+    step = max(1, _REDUCE_CHUNK_BYTES // max(1, n * d * 4))
+    for lo in range(0, c, step):
+        hi = min(c, lo + step)
+        # reshape, not view: channels_last maps are not contiguous in this order.
+        x = maps[:, lo:hi].float().reshape(n, hi - lo, d).transpose(0, 1)  # (c, N, D)
+        finite = torch.isfinite(x).flatten(1).all(-1)
+        x = torch.where(finite[:, None, None], x, torch.zeros((), device=x.device))
+        activation[lo:hi] = x.abs().mean((1, 2)).double()
+        centred = x - x.mean(1, keepdim=True)
+        spread = centred.square().sum((1, 2))
+        scale = x.square().sum((1, 2))
+        constant = finite & (spread <= (_CONSTANT_RTOL**2) * scale)
+        ok = finite & ~constant
+        r = reason[lo:hi]
+        r[~finite] = 1
+        r[constant] = 2
+        idx = ok.nonzero().squeeze(-1)
+        if idx.numel() == 0:
+            continue
+        scores, var = pca(x[idx], q)
+        norm = scores.square().sum(-1).mean(-1).sqrt()  # (c_ok,)
+        lost = norm <= 0
+        scores = scores / norm.clamp_min(torch.finfo(torch.float32).tiny)[:, None, None]
+        points[lo + idx] = scores.float()
+        explained[lo + idx] = (var.sum(-1) * (n - 1) / spread[idx]).clamp(0, 1).float()
+        if bool(lost.any()):
+            r[idx[lost]] = 2
+            points[lo + idx[lost]] = 0
+    return points, explained, activation, reason
+
+
+def capture_layers(
+    model: nn.Module,
+    inputs: Any,
+    layers: Sequence[tuple[str, nn.Module]],
+    n_components: int,
+    *,
+    pca: PCAFn = batched_pca,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    on_layer: Callable[[str], None] | None = None,
+) -> list[LayerCapture]:
+    """Run one probe forward and return the reduced output of every selected site, in call order.
+
+    The forward runs under ``torch.no_grad()`` with the model in eval mode; every submodule's
+    train/eval mode is restored and every hook removed afterwards, also when the forward raises.
+
+    Args:
+        model: The network (not a DDP wrapper).
+        inputs: Probe batch, passed to ``forward`` (default ``model(inputs)``).
+        layers: ``(name, module)`` pairs from :func:`select_layers`.
+        n_components: PCA dimensions.
+        pca: Batched PCA function (the reference backend passes scikit-learn's).
+        forward: How to call the model; defaults to ``model(inputs)``.
+        on_layer: Called with each site name once it is reduced (progress reporting).
+
+    Raises:
+        ValueError: A selected module's output is not a 4-D tensor, or a selected module never ran.
+    """
+    calls: dict[str, int] = {}
+    out: list[LayerCapture] = []
+
+    def make_hook(name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not isinstance(output, Tensor) or output.ndim != 4:
+                shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+                raise ValueError(
+                    f"layer {name!r} ({type(module).__name__}) produced {shape}; only modules whose "
+                    "output is an (N, C, H, W) tensor can be analysed, pick others with layers=[...]"
+                )
+            i = calls.get(name, 0)
+            calls[name] = i + 1
+            site = name if i == 0 else f"{name}#{i}"
+            points, explained, activation, reason = reduce_maps(output.detach(), n_components, pca)
+            out.append(
+                LayerCapture(site, name, (int(output.shape[2]), int(output.shape[3])), points, explained, activation, reason)
+            )
+            if on_layer is not None:
+                on_layer(site)
+
+        return hook
+
+    handles = [module.register_forward_hook(make_hook(name)) for name, module in layers]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            if forward is None:
+                model(inputs)
+            else:
+                forward(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [name for name, _ in layers if name not in calls]
+    if missing:
+        raise ValueError(
+            f"layers {_describe(missing)} did not run in the probe forward; drop them from layers=[...] "
+            "or check the model's forward"
+        )
+    return out

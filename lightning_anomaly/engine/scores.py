@@ -1,0 +1,64 @@
+"""Batched Calinski-Harabasz index."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["calinski_harabasz", "cluster_sizes"]
+
+
+def cluster_sizes(labels: Tensor, n_clusters: int) -> Tensor:
+    """Count the members of each cluster.
+
+    Args:
+        labels: ``(B, N)`` integer labels in ``[0, n_clusters)``.
+        n_clusters: Number of possible labels.
+
+    Returns:
+        ``(B, n_clusters)`` int64 counts.
+    """
+    counts = torch.zeros(labels.shape[0], n_clusters, dtype=torch.long, device=labels.device)
+    return counts.scatter_add_(1, labels.long(), torch.ones_like(labels, dtype=torch.long))
+
+
+def calinski_harabasz(points: Tensor, labels: Tensor, n_clusters: int) -> Tensor:
+    """Calinski-Harabasz index of ``B`` labellings at once.
+
+    ``CH = [SSB / (k - 1)] / [SSW / (N - k)]`` with ``k`` the number of non-empty clusters, as in
+    :func:`sklearn.metrics.calinski_harabasz_score`, computed in float64. Conventions follow
+    scikit-learn where it defines the value (``SSW == 0`` gives 1.0); where scikit-learn raises
+    (``k < 2`` or ``k == N``) the result is NaN instead, so one bad problem does not stop a batch.
+    Invariant to permutations of the labels.
+
+    Example::
+
+        >>> import torch
+        >>> pts = torch.tensor([[[0.0], [0.1], [5.0], [5.1]]])
+        >>> calinski_harabasz(pts, torch.tensor([[0, 0, 1, 1]]), 2)
+        tensor([1250.0000], dtype=torch.float64)
+
+    Args:
+        points: ``(B, N, d)`` float points.
+        labels: ``(B, N)`` integer labels in ``[0, n_clusters)``.
+        n_clusters: Number of possible labels.
+
+    Returns:
+        ``(B,)`` float64.
+    """
+    x = points.double()
+    bsz, n, _ = x.shape
+    onehot = torch.nn.functional.one_hot(labels.long(), n_clusters).double()  # (B, N, K)
+    counts = onehot.sum(1)  # (B, K)
+    centroids = torch.bmm(onehot.mT, x) / counts.clamp_min(1).unsqueeze(-1)  # (B, K, d)
+    grand = x.mean(1, keepdim=True)  # (B, 1, d)
+    ssb = (counts * (centroids - grand).square().sum(-1)).sum(-1)
+    own = torch.gather(centroids, 1, labels.long().unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    ssw = (x - own).square().sum((1, 2))
+    k = (counts > 0).sum(-1).double()
+    ch = ssb * (n - k) / (ssw * (k - 1.0))
+    ch = torch.where(ssw == 0, torch.ones_like(ch), ch)
+    undefined = (k < 2) | (k >= n)
+    return torch.where(undefined, torch.full_like(ch, math.nan), ch)

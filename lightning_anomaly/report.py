@@ -1,0 +1,328 @@
+"""Results of one analysis: per-layer tensors and a model-wide summary.
+
+Reports convert to and from plain Python types and tensors only (:meth:`AnalysisReport.to_dict`),
+so they survive ``torch.save``/``torch.load(weights_only=True)`` and JSON (with ``tensors="list"``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["AnalysisReport", "LayerReport"]
+
+_TENSOR_FIELDS = (
+    "k",
+    "ch",
+    "activation",
+    "min_cluster_size",
+    "degenerate",
+    "reason",
+    "explained",
+    "converged",
+    "unbalanced",
+    "high_ch",
+    "high_activation",
+    "anomaly",
+    "labels",
+)
+
+
+@dataclass
+class LayerReport:
+    """Per-filter results of one analysed site (a conv layer, or one call of it).
+
+    Every tensor has one entry per filter (output channel) on the CPU; ``labels`` has one row per
+    filter and one column per probe sample.
+
+    Attributes:
+        name: Site name (module name, ``#i`` appended for a module's i-th repeated call).
+        n_filters: Number of filters ``C``.
+        n_components: Dimensions the filters were clustered in (``min(n_components, H * W)``).
+        map_shape: ``(H, W)`` of the layer's feature maps.
+        k: ``(C,)`` int64, chosen number of mixture components (0 where degenerate).
+        ch: ``(C,)`` float64, Calinski-Harabasz index at ``k`` (NaN where degenerate).
+        activation: ``(C,)`` float64, mean absolute activation over the probe.
+        min_cluster_size: ``(C,)`` int64, size of the smallest non-empty cluster (0 where degenerate).
+        degenerate: ``(C,)`` bool, the filter could not be clustered (see ``reason``).
+        reason: ``(C,)`` int8 code from :data:`lightning_anomaly.engine.capture.DEGENERATE_REASONS`.
+        explained: ``(C,)`` float32, share of the maps' variance kept by the PCA.
+        converged: ``(C,)`` bool, EM met its tolerance at the chosen ``k``.
+        unbalanced: ``(C,)`` bool, smallest cluster within ``criteria.min_cluster_size``.
+        high_ch: ``(C,)`` bool, CH above ``ch_ratio`` x the layer's typical CH.
+        high_activation: ``(C,)`` bool, activation above ``activation_ratio`` x typical.
+        anomaly: ``(C,)`` bool, all three criteria hold.
+        labels: ``(C, N)`` int8, cluster of each probe sample at the chosen ``k`` (-1 where degenerate).
+        ch_typical: The layer's typical CH (median or mean over non-degenerate filters).
+        activation_typical: The layer's typical activation.
+    """
+
+    name: str
+    n_filters: int
+    n_components: int
+    map_shape: tuple[int, int]
+    k: Tensor
+    ch: Tensor
+    activation: Tensor
+    min_cluster_size: Tensor
+    degenerate: Tensor
+    reason: Tensor
+    explained: Tensor
+    converged: Tensor
+    unbalanced: Tensor
+    high_ch: Tensor
+    high_activation: Tensor
+    anomaly: Tensor
+    labels: Tensor
+    ch_typical: float = math.nan
+    activation_typical: float = math.nan
+
+    @property
+    def anomaly_count(self) -> int:
+        """Number of anomaly filters in this layer."""
+        return int(self.anomaly.sum())
+
+    @property
+    def degenerate_count(self) -> int:
+        """Number of filters that could not be clustered."""
+        return int(self.degenerate.sum())
+
+    @property
+    def anomaly_indices(self) -> list[int]:
+        """Indices of the anomaly filters."""
+        return self.anomaly.nonzero().flatten().tolist()
+
+    def small_cluster_members(self, filter_index: int) -> Tensor:
+        """Bool mask ``(N,)`` of the probe samples in the smallest cluster of one filter."""
+        lab = self.labels[filter_index].long()
+        if lab.min() < 0:
+            return torch.zeros_like(lab, dtype=torch.bool)
+        counts = torch.bincount(lab)
+        counts = torch.where(counts > 0, counts, torch.full_like(counts, lab.numel() + 1))
+        return lab == int(counts.argmin())
+
+    def to_dict(self, tensors: Literal["tensor", "list"] = "tensor", labels: bool = True) -> dict[str, Any]:
+        """Plain-type view; ``tensors="list"`` gives JSON-ready lists (NaN becomes ``None``)."""
+        out: dict[str, Any] = {
+            "name": self.name,
+            "n_filters": self.n_filters,
+            "n_components": self.n_components,
+            "map_shape": list(self.map_shape),
+            "ch_typical": _plain_float(self.ch_typical),
+            "activation_typical": _plain_float(self.activation_typical),
+        }
+        for f in _TENSOR_FIELDS:
+            if f == "labels" and not labels:
+                continue
+            t: Tensor = getattr(self, f)
+            out[f] = t.clone() if tensors == "tensor" else _to_list(t)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerReport:
+        """Inverse of :meth:`to_dict` (either tensor form)."""
+        dtypes = {
+            "k": torch.long,
+            "ch": torch.float64,
+            "activation": torch.float64,
+            "min_cluster_size": torch.long,
+            "degenerate": torch.bool,
+            "reason": torch.int8,
+            "explained": torch.float32,
+            "converged": torch.bool,
+            "unbalanced": torch.bool,
+            "high_ch": torch.bool,
+            "high_activation": torch.bool,
+            "anomaly": torch.bool,
+            "labels": torch.int8,
+        }
+        c = int(data["n_filters"])
+        fields: dict[str, Any] = {}
+        for f, dt in dtypes.items():
+            v = data.get(f)
+            if v is None:
+                fields[f] = torch.full((c, 0), -1, dtype=dt) if f == "labels" else torch.zeros(c, dtype=dt)
+            elif isinstance(v, Tensor):
+                fields[f] = v.to(dt)
+            else:
+                fields[f] = torch.tensor([math.nan if e is None else e for e in v] if f == "ch" else v, dtype=dt)
+        return cls(
+            name=str(data["name"]),
+            n_filters=c,
+            n_components=int(data["n_components"]),
+            map_shape=(int(data["map_shape"][0]), int(data["map_shape"][1])),
+            ch_typical=_from_plain(data.get("ch_typical")),
+            activation_typical=_from_plain(data.get("activation_typical")),
+            **fields,
+        )
+
+
+@dataclass
+class AnalysisReport:
+    """What one analysis found, over all analysed sites.
+
+    Attributes:
+        layers: Ordered mapping site name -> :class:`LayerReport`, in forward order.
+        n_samples: Probe size ``N``.
+        outlier_counts: ``(N,)`` int64: for each probe sample, the number of anomaly filters whose
+            smallest cluster it belongs to.
+        grad_norms: ``(N,)`` float64 per-sample gradient norms, or ``None`` without targets.
+        criteria: The :class:`~lightning_anomaly.AnomalyCriteria` settings used, as a dict.
+        backend: ``"torch"`` or ``"sklearn"``.
+        seed: Seed of the mixture initialisation.
+        seconds: Wall time of the analysis.
+    """
+
+    layers: OrderedDict[str, LayerReport]
+    n_samples: int
+    outlier_counts: Tensor
+    grad_norms: Tensor | None = None
+    criteria: dict[str, Any] = field(default_factory=dict)
+    backend: str = "torch"
+    seed: int = 0
+    seconds: float = math.nan
+
+    @property
+    def n_filters(self) -> int:
+        """Filters analysed, over all sites."""
+        return sum(lr.n_filters for lr in self.layers.values())
+
+    @property
+    def anomaly_count(self) -> int:
+        """Anomaly filters over all sites."""
+        return sum(lr.anomaly_count for lr in self.layers.values())
+
+    @property
+    def degenerate_count(self) -> int:
+        """Filters that could not be clustered, over all sites."""
+        return sum(lr.degenerate_count for lr in self.layers.values())
+
+    @property
+    def outlier_indices(self) -> list[int]:
+        """Probe indices of the outlier samples: members of an anomaly filter's smallest cluster."""
+        return self.outlier_counts.nonzero().flatten().tolist()
+
+    @property
+    def outlier_grad_norm(self) -> float | None:
+        """Mean gradient norm of the outlier samples, or ``None`` (no targets or no outlier)."""
+        return self._mean_grad(outlier=True)
+
+    @property
+    def normal_grad_norm(self) -> float | None:
+        """Mean gradient norm of the other probe samples, or ``None``."""
+        return self._mean_grad(outlier=False)
+
+    @property
+    def gradient_ratio(self) -> float | None:
+        """Outlier over normal mean gradient norm (the paper's H2), or ``None`` when undefined."""
+        out, norm = self.outlier_grad_norm, self.normal_grad_norm
+        if out is None or norm is None or norm <= 0:
+            return None
+        return out / norm
+
+    def _mean_grad(self, outlier: bool) -> float | None:
+        mask = self.outlier_counts > 0
+        # Both groups must be non-empty for the comparison to mean anything.
+        if self.grad_norms is None or bool(mask.all()) or not bool(mask.any()):
+            return None
+        return float(self.grad_norms[mask if outlier else ~mask].double().mean())
+
+    def summary(self) -> dict[str, Any]:
+        """Scalars of this report as plain types (what the callback logs and keeps in history)."""
+        return {
+            "n_filters": self.n_filters,
+            "anomaly_count": self.anomaly_count,
+            "anomaly_fraction": self.anomaly_count / max(1, self.n_filters),
+            "degenerate_count": self.degenerate_count,
+            "layer_anomaly_counts": {n: lr.anomaly_count for n, lr in self.layers.items()},
+            "layer_mean_ch": {n: _plain_float(_nanmean(lr.ch[~lr.degenerate])) for n, lr in self.layers.items()},
+            "outlier_count": len(self.outlier_indices),
+            "outlier_indices": self.outlier_indices,
+            "outlier_grad_norm": self.outlier_grad_norm,
+            "normal_grad_norm": self.normal_grad_norm,
+            "gradient_ratio": self.gradient_ratio,
+        }
+
+    def to_dict(self, tensors: Literal["tensor", "list"] = "tensor", labels: bool = True) -> dict[str, Any]:
+        """Plain-type view: tensors and Python types only (``tensors="list"`` for JSON)."""
+        conv = (lambda t: t.clone()) if tensors == "tensor" else _to_list
+        return {
+            "layers": [lr.to_dict(tensors, labels) for lr in self.layers.values()],
+            "n_samples": self.n_samples,
+            "outlier_counts": conv(self.outlier_counts),
+            "grad_norms": None if self.grad_norms is None else conv(self.grad_norms),
+            "criteria": dict(self.criteria),
+            "backend": self.backend,
+            "seed": self.seed,
+            "seconds": _plain_float(self.seconds),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AnalysisReport:
+        """Inverse of :meth:`to_dict` (either tensor form)."""
+        layers = OrderedDict((d["name"], LayerReport.from_dict(d)) for d in data["layers"])
+        grads = data.get("grad_norms")
+        return cls(
+            layers=layers,
+            n_samples=int(data["n_samples"]),
+            outlier_counts=torch.as_tensor(data["outlier_counts"], dtype=torch.long),
+            grad_norms=None if grads is None else torch.as_tensor(grads, dtype=torch.float64),
+            criteria=dict(data.get("criteria", {})),
+            backend=str(data.get("backend", "torch")),
+            seed=int(data.get("seed", 0)),
+            seconds=_from_plain(data.get("seconds")),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"AnalysisReport(layers={len(self.layers)}, filters={self.n_filters}, anomalies={self.anomaly_count}, "
+            f"degenerate={self.degenerate_count}, outliers={len(self.outlier_indices)}/{self.n_samples}, "
+            f"gradient_ratio={_fmt(self.gradient_ratio)})"
+        )
+
+    def format(self) -> str:
+        """A human-readable table of the per-layer results."""
+        rows = [f"{'layer':<28} {'filters':>7} {'dims':>4} {'anomaly':>7} {'degen':>5} {'median CH':>11} {'median k':>8}"]
+        for name, lr in self.layers.items():
+            ok = ~lr.degenerate
+            med_ch = float(lr.ch[ok].median()) if bool(ok.any()) else math.nan
+            med_k = int(lr.k[ok].median()) if bool(ok.any()) else 0
+            rows.append(
+                f"{name[:28]:<28} {lr.n_filters:>7} {lr.n_components:>4} {lr.anomaly_count:>7} "
+                f"{lr.degenerate_count:>5} {med_ch:>11.4g} {med_k:>8}"
+            )
+        rows.append(repr(self))
+        return "\n".join(rows)
+
+
+def _nanmean(t: Tensor) -> float:
+    t = t.double()
+    t = t[torch.isfinite(t)]
+    return float(t.mean()) if t.numel() else math.nan
+
+
+def _plain_float(v: float | None) -> float | None:
+    if v is None or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def _from_plain(v: Any) -> float:
+    return math.nan if v is None else float(v)
+
+
+def _to_list(t: Tensor) -> list[Any]:
+    if t.is_floating_point():
+        return [None if not math.isfinite(v) else v for v in t.flatten().tolist()] if t.ndim == 1 else [
+            _to_list(r) for r in t
+        ]
+    return t.tolist()
+
+
+def _fmt(v: float | None) -> str:
+    return "None" if v is None else f"{v:.3g}"
