@@ -31,7 +31,7 @@ class _Rule:
         lo = "(" if self.low_open else "["
         low = "-inf" if self.low is None else f"{self.low:g}"
         high = "inf" if self.high is None else f"{self.high:g}"
-        return f"a {_kind_name(self.kind)} in {lo}{low}, {high}]"
+        return f"{_kind_name(self.kind)} in {lo}{low}, {high}]"
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
@@ -55,6 +55,7 @@ CONSTRAINTS: dict[str, _Rule] = {
     "tol": _Rule((int, float), low=0.0, low_open=True, hint="1e-3 is scikit-learn's default"),
     "reg_covar": _Rule((int, float), low=0.0, hint="1e-6 is scikit-learn's default"),
     "kmeans_iter": _Rule(int, low=0, hint="a few Lloyd steps after k-means++ seeding"),
+    "n_init": _Rule(int, low=1, high=32, hint="more initialisations make k more stable and cost time in proportion"),
 }
 
 
@@ -101,7 +102,7 @@ class AnomalyCriteria:
         >>> AnomalyCriteria(ch_ratio=0)
         Traceback (most recent call last):
         ...
-        ValueError: ch_ratio must be a int or float in (0, inf], got 0; 1.0 means 'above the layer's typical CH'
+        ValueError: ch_ratio must be int or float in (0, inf], got 0; 1.0 means 'above the layer's typical CH'
 
     Args:
         min_cluster_size: Largest size (in probe samples) of a cluster that counts as tiny.
@@ -117,6 +118,7 @@ class AnomalyCriteria:
         reg_covar: Added to covariance diagonals. Points are scaled to unit mean squared norm per
             filter first, so this is relative to the filter's spread.
         kmeans_iter: Lloyd iterations after k-means++ seeding, before EM.
+        n_init: Initialisations per mixture; the best likelihood wins (scikit-learn's ``n_init``).
 
     Raises:
         TypeError: A setting has the wrong type.
@@ -133,6 +135,7 @@ class AnomalyCriteria:
     tol: float = 1e-3
     reg_covar: float = 1e-6
     kmeans_iter: int = 10
+    n_init: int = 1
 
     def __post_init__(self) -> None:
         for name in CONSTRAINTS:
@@ -188,9 +191,7 @@ class AnomalyCriteria:
             return float(v.median())
         return float(v.mean())
 
-    def flag(
-        self, smallest_cluster: Tensor, ch: Tensor, activation: Tensor, degenerate: Tensor
-    ) -> dict[str, Tensor]:
+    def flag(self, smallest_cluster: Tensor, ch: Tensor, activation: Tensor, degenerate: Tensor) -> dict[str, Tensor]:
         """Apply the three rules to one layer.
 
         Args:

@@ -287,7 +287,9 @@ class AnalysisReport:
 
     def format(self) -> str:
         """A human-readable table of the per-layer results."""
-        rows = [f"{'layer':<28} {'filters':>7} {'dims':>4} {'anomaly':>7} {'degen':>5} {'median CH':>11} {'median k':>8}"]
+        rows = [
+            f"{'layer':<28} {'filters':>7} {'dims':>4} {'anomaly':>7} {'degen':>5} {'median CH':>11} {'median k':>8}"
+        ]
         for name, lr in self.layers.items():
             ok = ~lr.degenerate
             med_ch = float(lr.ch[ok].median()) if bool(ok.any()) else math.nan
@@ -318,9 +320,11 @@ def _from_plain(v: Any) -> float:
 
 def _to_list(t: Tensor) -> list[Any]:
     if t.is_floating_point():
-        return [None if not math.isfinite(v) else v for v in t.flatten().tolist()] if t.ndim == 1 else [
-            _to_list(r) for r in t
-        ]
+        return (
+            [None if not math.isfinite(v) else v for v in t.flatten().tolist()]
+            if t.ndim == 1
+            else [_to_list(r) for r in t]
+        )
     return t.tolist()
 
 

@@ -46,7 +46,7 @@ def digits_tensors(
     y = torch.tensor(data.target, dtype=torch.long)
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(y), generator=g)
-    n_val = int(round(val_fraction * len(y)))
+    n_val = round(val_fraction * len(y))
     val, train = order[:n_val], order[n_val:]
     ytr = y[train].clone()
     flipped = torch.rand(len(train), generator=g) < label_noise

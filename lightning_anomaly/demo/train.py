@@ -21,7 +21,7 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> f
 
 
 def train_plain(
-    model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 10, lr: float = 1e-3, batch_size: int = 64, seed: int = 0
+    model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 10, lr: float = 3e-3, batch_size: int = 64, seed: int = 0
 ) -> nn.Module:
     """Train ``model`` with Adam and cross-entropy on ``(x, y)``; shuffling uses a private generator.
 
@@ -31,7 +31,7 @@ def train_plain(
         >>> from lightning_anomaly.demo import SmallCNN, digits_tensors
         >>> xtr, ytr, xva, yva, _ = digits_tensors()
         >>> net = train_plain(SmallCNN(), xtr, ytr, epochs=1)
-        >>> accuracy(net, xva, yva) > 0.3
+        >>> accuracy(net, xva, yva) > 0.5
         True
     """
     g = torch.Generator().manual_seed(seed)

@@ -26,10 +26,8 @@ Backend = Literal["torch", "sklearn"]
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
     return torch.device("cpu")
 
 
@@ -66,9 +64,15 @@ def cluster_points(
     """
     if backend == "sklearn":
         return sklearn_cluster(
-            points, criteria.k_values, seed=seed, reg_covar=criteria.reg_covar, max_iter=criteria.max_iter, tol=criteria.tol
+            points,
+            criteria.k_values,
+            seed=seed,
+            reg_covar=criteria.reg_covar,
+            max_iter=criteria.max_iter,
+            tol=criteria.tol,
+            n_init=criteria.n_init,
         )
-    b, n, _ = points.shape
+    b = points.shape[0]
     gen = torch.Generator().manual_seed(seed)
     chs, labs, convs = [], [], []
     for k in criteria.k_values:
@@ -80,6 +84,7 @@ def cluster_points(
             tol=criteria.tol,
             reg_covar=criteria.reg_covar,
             kmeans_iter=criteria.kmeans_iter,
+            n_init=criteria.n_init,
         )
         chs.append(calinski_harabasz(points, fit.labels, k))
         labs.append(fit.labels)
@@ -90,11 +95,11 @@ def cluster_points(
     ch = ch_all[best, rows]
     labels = torch.stack(labs)[best, rows]
     converged = torch.stack(convs)[best, rows]
-    k = torch.tensor(criteria.k_values, device=points.device)[best]
+    k_best = torch.tensor(criteria.k_values, device=points.device)[best]
     failed = torch.isnan(ch)
-    k = torch.where(failed, torch.zeros_like(k), k)
+    k_best = torch.where(failed, torch.zeros_like(k_best), k_best)
     labels = torch.where(failed[:, None], torch.full_like(labels, -1), labels)
-    return k.cpu(), ch.cpu(), labels.cpu(), converged.cpu()
+    return k_best.cpu(), ch.cpu(), labels.cpu(), converged.cpu()
 
 
 def analyze(
@@ -219,7 +224,7 @@ def _cluster_and_flag(
     # coordinate, which changes neither the mixture fit nor CH).
     valid = [cap.reason == 0 for cap in captures]
     padded = []
-    for cap, ok in zip(captures, valid):
+    for cap, ok in zip(captures, valid, strict=True):
         p = cap.points[ok]
         if p.shape[-1] == 1 and backend == "torch":
             p = torch.nn.functional.pad(p, (0, 2 - p.shape[-1]))
@@ -231,11 +236,13 @@ def _cluster_and_flag(
             cluster_points(batch, criteria, seed=seed) if batch.shape[0] else _empty(n)
         )
         splits = [int(p.shape[0]) for p in padded]
-        per_layer = list(zip(*(t.split(splits) for t in (all_k, all_ch, all_labels, all_conv))))
+        per_layer = list(zip(*(t.split(splits) for t in (all_k, all_ch, all_labels, all_conv)), strict=True))
     else:
-        per_layer = [cluster_points(p, criteria, seed=seed, backend="sklearn") if p.shape[0] else _empty(n) for p in padded]
+        per_layer = [
+            cluster_points(p, criteria, seed=seed, backend="sklearn") if p.shape[0] else _empty(n) for p in padded
+        ]
 
-    for cap, ok, (k_v, ch_v, lab_v, conv_v) in zip(captures, valid, per_layer):
+    for cap, ok, (k_v, ch_v, lab_v, conv_v) in zip(captures, valid, per_layer, strict=True):
         c = cap.n_filters
         reason = cap.reason.cpu().clone()
         ok_cpu = ok.cpu()

@@ -125,10 +125,8 @@ def select_layers(model: nn.Module, layers: Sequence[LayerSpec] | None = None) -
     names = [n for n, _ in named]
     for spec in layers:
         if isinstance(spec, str):
-            if any(ch in spec for ch in "*?["):
-                hits = fnmatch.filter(names, spec)
-            else:
-                hits = [spec] if spec in names else []
+            is_pattern = any(ch in spec for ch in "*?[")
+            hits = fnmatch.filter(names, spec) if is_pattern else [spec] if spec in names else []
             if not hits:
                 raise ValueError(
                     f"layers entry {spec!r} matches no module of {type(model).__name__}; "
@@ -250,7 +248,9 @@ def capture_layers(
             site = name if i == 0 else f"{name}#{i}"
             points, explained, activation, reason = reduce_maps(output.detach(), n_components, pca)
             out.append(
-                LayerCapture(site, name, (int(output.shape[2]), int(output.shape[3])), points, explained, activation, reason)
+                LayerCapture(
+                    site, name, (int(output.shape[2]), int(output.shape[3])), points, explained, activation, reason
+                )
             )
             if on_layer is not None:
                 on_layer(site)

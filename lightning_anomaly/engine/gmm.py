@@ -36,7 +36,7 @@ __all__ = ["MixtureFit", "fit_gmm"]
 _LOG_2PI = math.log(2.0 * math.pi)
 _EPS = 10.0 * torch.finfo(torch.float64).eps
 # Problems x samples x components held at once on a CPU: keeps E-step temporaries in cache.
-_CPU_CHUNK_ELEMENTS = 1 << 18
+_CPU_CHUNK_ELEMENTS = 1 << 19
 # Same bound on an accelerator, where bigger batches are better but memory is finite.
 _ACCEL_CHUNK_ELEMENTS = 1 << 28
 
@@ -71,16 +71,13 @@ def _features(x: Tensor) -> Tensor:
 def _argmax_dim1(scores: Tensor) -> Tensor:
     """Argmax over dim 1 of ``(B, K, N)``, first index on ties.
 
-    A running comparison over the few components beats ``Tensor.argmax(1)``, whose CPU kernel is
-    slow when the reduced dimension is not the innermost one.
+    ``Tensor.argmax(1)`` is slow on the CPU when the reduced dimension is not the innermost one;
+    a max, a comparison and a max over small integer weights are not.
     """
-    best = scores[:, 0]
-    idx = torch.zeros_like(best, dtype=torch.long)
-    for j in range(1, scores.shape[1]):
-        better = scores[:, j] > best
-        idx = torch.where(better, j, idx)
-        best = torch.maximum(best, scores[:, j])
-    return idx
+    k = scores.shape[1]
+    top = scores.amax(1, keepdim=True)
+    rank = torch.arange(k, 0, -1, dtype=torch.uint8, device=scores.device).view(1, k, 1)
+    return (k - ((scores == top) * rank).amax(1)).long()
 
 
 def _onehot(labels: Tensor, k: int, dtype: torch.dtype) -> Tensor:
@@ -119,20 +116,36 @@ def _log_density_weights(weights: Tensor, means: Tensor, cov: Tensor, dtype: tor
     return torch.stack([-0.5 * p11, -p12, -0.5 * p22, w3, w4, w5], dim=-1).to(dtype)
 
 
-def _e_step(feats_t: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Log-densities and responsibilities ``(B, K, N)``, and mean log-likelihood ``(B,)`` (float64)."""
-    logp = torch.bmm(w, feats_t)
-    top = logp.amax(dim=1, keepdim=True)
-    resp = (logp - top).exp_()
+def _e_step(feats_t: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """Responsibilities ``(B, K, N)`` and mean log-likelihood per problem ``(B,)`` (float64)."""
+    resp = torch.bmm(w, feats_t)  # log-densities, turned into responsibilities in place
+    top = resp.amax(dim=1, keepdim=True)
+    resp.sub_(top).exp_()
     total = resp.sum(dim=1, keepdim=True)
     resp.div_(total)
     loglik = (top + total.log()).squeeze(1)
-    return logp, resp, loglik.double().mean(dim=-1)
+    return resp, loglik.double().mean(dim=-1)
+
+
+def _n_trials(k: int) -> int:
+    """Candidates per k-means++ centre, as in scikit-learn's greedy k-means++."""
+    return 2 + int(math.log(k))
 
 
 def _kmeans_labels(x: Tensor, k: int, n_iter: int, uniforms: Tensor) -> Tensor:
-    """k-means++ seeding from ``uniforms`` ``(B, k)`` in [0, 1), then up to ``n_iter`` Lloyd steps."""
+    """Greedy k-means++ seeding, then up to ``n_iter`` Lloyd steps.
+
+    Each new centre is the best (lowest total squared distance) of ``_n_trials(k)`` candidates
+    drawn with probability proportional to the squared distance to the nearest chosen centre.
+
+    Args:
+        x: ``(B, N, 2)`` points.
+        k: Number of centres.
+        n_iter: Most Lloyd steps (stops early once no label changes).
+        uniforms: ``(B, 1 + (k - 1) * _n_trials(k))`` uniform draws in ``[0, 1)``.
+    """
     bsz, n, _ = x.shape
+    trials = _n_trials(k)
     rows = torch.arange(bsz, device=x.device)
     first = (uniforms[:, 0] * n).long().clamp_max(n - 1)
     centers = [x[rows, first]]  # list of (B, 2)
@@ -142,10 +155,13 @@ def _kmeans_labels(x: Tensor, k: int, n_iter: int, uniforms: Tensor) -> Tensor:
         # All points on the chosen centres: any point will do, take a uniform one.
         probs = torch.where(total > 0, d2, torch.ones_like(d2))
         cdf = probs.cumsum(-1)
-        target = uniforms[:, j : j + 1].to(cdf.dtype) * cdf[:, -1:]
-        idx = torch.searchsorted(cdf, target).squeeze(-1).clamp_max(n - 1)
-        centers.append(x[rows, idx])
-        d2 = torch.minimum(d2, (x - centers[-1].unsqueeze(1)).square().sum(-1))
+        u = uniforms[:, 1 + (j - 1) * trials : 1 + j * trials].to(cdf.dtype)
+        cand = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_max(n - 1)  # (B, T)
+        cand_pts = torch.gather(x, 1, cand.unsqueeze(-1).expand(-1, -1, 2))  # (B, T, 2)
+        cand_d2 = torch.minimum(d2.unsqueeze(1), (x.unsqueeze(1) - cand_pts.unsqueeze(2)).square().sum(-1))
+        best = cand_d2.sum(-1).argmin(-1)  # (B,)
+        centers.append(cand_pts[rows, best])
+        d2 = cand_d2[rows, best]
     cen = torch.stack(centers, dim=1)  # (B, k, 2)
     x1 = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)  # (B, N, 3)
     x1t = x1.mT.contiguous()
@@ -165,46 +181,96 @@ def _kmeans_labels(x: Tensor, k: int, n_iter: int, uniforms: Tensor) -> Tensor:
     return labels
 
 
-def _fit_chunk(
-    x: Tensor, k: int, uniforms: Tensor, max_iter: int, tol: float, reg: float, kmeans_iter: int
+class _Work:
+    """The problems being iterated on: a batch that is refilled as problems retire."""
+
+    def __init__(self, x: Tensor, idx: Tensor, k: int, uniforms: Tensor, reg: float, kmeans_iter: int) -> None:
+        n = x.shape[1]
+        self.idx = idx
+        self.feats = _features(x)  # (B, N, 6) for the M-step
+        self.feats_t = self.feats.mT.contiguous()  # (B, 6, N) for the E-step
+        init = _kmeans_labels(x, k, kmeans_iter, uniforms)
+        self.weights, self.means, self.cov = _m_step(torch.bmm(_onehot(init, k, self.feats.dtype), self.feats), n, reg)
+        self.prev = torch.full((len(idx),), -math.inf, dtype=torch.float64, device=x.device)
+        self.iters = torch.zeros(len(idx), dtype=torch.long, device=x.device)
+        self.alive = torch.ones(len(idx), dtype=torch.bool, device=x.device)
+
+    def __len__(self) -> int:
+        return int(self.idx.shape[0])
+
+    _FIELDS = ("idx", "feats", "feats_t", "weights", "means", "cov", "prev", "iters", "alive")
+
+    def select(self, keep: Tensor) -> None:
+        for name in self._FIELDS:
+            setattr(self, name, getattr(self, name)[keep])
+
+    def extend(self, other: _Work) -> None:
+        for name in self._FIELDS:
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+
+
+def _fit_batched(
+    x: Tensor, k: int, uniforms: Tensor, max_iter: int, tol: float, reg: float, kmeans_iter: int, chunk: int
 ) -> MixtureFit:
+    """EM over all problems with a working batch of about ``chunk`` problems.
+
+    Problems retire individually when they converge; the working batch is refilled from the queue
+    whenever it falls below half its size, so the per-iteration overhead is paid for full batches
+    and never for a long tail of stragglers in a mostly converged chunk.
+    """
     bsz, n, _ = x.shape
     dev = x.device
-    feats = _features(x)  # (B, N, 6) for the M-step
-    feats_t = feats.mT.contiguous()  # (B, 6, N) for the E-step
-    init = _kmeans_labels(x, k, kmeans_iter, uniforms)
-    weights, means, cov = _m_step(torch.bmm(_onehot(init, k, feats.dtype), feats), n, reg)
-
-    labels = init.clone()
-    out_w = weights.clone()
-    out_m = means.clone()
+    labels = torch.zeros(bsz, n, dtype=torch.long, device=dev)
+    out_w = torch.zeros(bsz, k, dtype=torch.float64, device=dev)
+    out_m = torch.zeros(bsz, k, 2, dtype=torch.float64, device=dev)
     lower = torch.full((bsz,), -math.inf, dtype=torch.float64, device=dev)
-    n_iter = torch.full((bsz,), max_iter, dtype=torch.long, device=dev)
+    n_iter = torch.zeros(bsz, dtype=torch.long, device=dev)
     converged = torch.zeros(bsz, dtype=torch.bool, device=dev)
 
-    active = torch.arange(bsz, device=dev)
-    prev = torch.full((bsz,), -math.inf, dtype=torch.float64, device=dev)
-    for it in range(1, max_iter + 1):
-        w = _log_density_weights(weights, means, cov, feats.dtype)
-        logp, resp, lb = _e_step(feats_t, w)
-        done = (lb - prev).abs() < tol
-        finished = torch.ones_like(done) if it == max_iter else done
+    queued = 0
+    alive = 0
+    work: _Work | None = None
+    while True:
+        if queued < bsz and alive < chunk // 2:
+            take = min(bsz - queued, chunk - alive)
+            idx = torch.arange(queued, queued + take, device=dev)
+            fresh = _Work(x[queued : queued + take], idx, k, uniforms[queued : queued + take], reg, kmeans_iter)
+            queued += take
+            alive += take
+            if work is None:
+                work = fresh
+            else:
+                work.extend(fresh)
+        if work is None or alive == 0:
+            break
+        w = _log_density_weights(work.weights, work.means, work.cov, work.feats.dtype)
+        resp, lb = _e_step(work.feats_t, w)
+        work.iters += 1
+        done = (lb - work.prev).abs() < tol
+        finished = work.alive & (done | (work.iters >= max_iter))
         # One host sync per iteration decides whether anything retires; on a GPU this is the
         # only round trip, and it saves every later iteration for the retired problems.
-        if bool(finished.any()):
-            rows = active[finished]
-            labels[rows] = _argmax_dim1(logp[finished])
-            out_w[rows] = weights[finished]
-            out_m[rows] = means[finished]
+        n_finished = int(finished.sum())
+        if n_finished:
+            rows = work.idx[finished]
+            labels[rows] = _argmax_dim1(resp[finished])
+            out_w[rows] = work.weights[finished]
+            out_m[rows] = work.means[finished]
             lower[rows] = lb[finished]
-            n_iter[rows] = it
+            n_iter[rows] = work.iters[finished]
             converged[rows] = done[finished]
-            keep = ~finished
-            if not bool(keep.any()):
-                break
-            active, feats, feats_t, resp, lb = active[keep], feats[keep], feats_t[keep], resp[keep], lb[keep]
-        prev = lb
-        weights, means, cov = _m_step(torch.bmm(resp, feats), n, reg)
+            work.alive &= ~finished
+            alive -= n_finished
+            # Retired problems ride along until enough of them make a copy worthwhile.
+            if alive == 0 or (len(work) - alive) * 8 >= len(work):
+                keep = work.alive
+                work.select(keep)
+                resp, lb = resp[keep], lb[keep]
+                if alive == 0:
+                    work = None
+                    continue
+        work.prev = lb
+        work.weights, work.means, work.cov = _m_step(torch.bmm(resp, work.feats), n, reg)
     return MixtureFit(labels, out_w, out_m, lower, n_iter, converged)
 
 
@@ -217,6 +283,7 @@ def fit_gmm(
     tol: float = 1e-3,
     reg_covar: float = 1e-6,
     kmeans_iter: int = 10,
+    n_init: int = 1,
     chunk_size: int | None = None,
 ) -> MixtureFit:
     """Fit one full-covariance Gaussian mixture of ``k`` components to each of ``B`` point sets.
@@ -239,6 +306,7 @@ def fit_gmm(
         tol: Convergence threshold on the change of the mean log-likelihood per point.
         reg_covar: Added to each covariance diagonal.
         kmeans_iter: Lloyd iterations after k-means++ seeding.
+        n_init: Initialisations per problem; the fit with the best lower bound is kept.
         chunk_size: Problems fitted together; by default sized to the CPU cache, or the whole
             batch on an accelerator.
 
@@ -259,18 +327,17 @@ def fit_gmm(
     if d == 1:
         x = torch.cat([x, torch.zeros_like(x)], dim=-1)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    uniforms = torch.rand(bsz, k, generator=gen, dtype=torch.float64).to(x.device)
+    if n_init > 1:
+        x = x.repeat(n_init, 1, 1)  # init-major: rows i, B + i, 2B + i are one problem
+    total = x.shape[0]
+    uniforms = torch.rand(total, 1 + (k - 1) * _n_trials(k), generator=gen, dtype=torch.float64).to(x.device)
     if chunk_size is None:
         budget = _CPU_CHUNK_ELEMENTS if x.device.type == "cpu" else _ACCEL_CHUNK_ELEMENTS
         chunk_size = max(8, budget // (n * k))
-    parts = [
-        _fit_chunk(x[i : i + chunk_size], k, uniforms[i : i + chunk_size], max_iter, tol, reg_covar, kmeans_iter)
-        for i in range(0, bsz, chunk_size)
-    ]
-    if len(parts) == 1:
-        return parts[0]
-    return MixtureFit(*(torch.cat(list(f), dim=0) for f in zip(*(_astuple(p) for p in parts))))
-
-
-def _astuple(fit: MixtureFit) -> tuple[Tensor, ...]:
-    return (fit.labels, fit.weights, fit.means, fit.lower_bound, fit.n_iter, fit.converged)
+    fit = _fit_batched(x, k, uniforms, max_iter, tol, reg_covar, kmeans_iter, chunk_size)
+    if n_init == 1:
+        return fit
+    best = fit.lower_bound.view(n_init, bsz).argmax(0) * bsz + torch.arange(bsz, device=x.device)
+    return MixtureFit(
+        *(t[best] for t in (fit.labels, fit.weights, fit.means, fit.lower_bound, fit.n_iter, fit.converged))
+    )

@@ -62,9 +62,7 @@ def per_sample_grad_norms(
             parameter.
     """
     if inputs.shape[0] != targets.shape[0]:
-        raise ValueError(
-            f"inputs and targets must have the same length, got {inputs.shape[0]} and {targets.shape[0]}"
-        )
+        raise ValueError(f"inputs and targets must have the same length, got {inputs.shape[0]} and {targets.shape[0]}")
     loss = loss_fn or _default_loss
     transform = output_transform or (lambda o: o)
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

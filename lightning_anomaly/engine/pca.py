@@ -37,7 +37,7 @@ def batched_pca(x: Tensor, n_components: int) -> tuple[Tensor, Tensor]:
     """
     if x.ndim != 3:
         raise ValueError(f"x must have shape (B, N, D), got {tuple(x.shape)}")
-    b, n, d = x.shape
+    n, d = x.shape[1:]
     q = min(n_components, d, n)
     xc = x.float()
     xc = xc - xc.mean(dim=1, keepdim=True)

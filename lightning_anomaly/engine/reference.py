@@ -52,6 +52,7 @@ def sklearn_cluster(
     reg_covar: float = 1e-6,
     max_iter: int = 100,
     tol: float = 1e-3,
+    n_init: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per filter: fit ``GaussianMixture`` for every k and keep the k of largest CH.
 
@@ -62,6 +63,7 @@ def sklearn_cluster(
         reg_covar: Covariance regularisation.
         max_iter: EM iteration limit.
         tol: EM tolerance.
+        n_init: Initialisations per mixture (scikit-learn's ``n_init``).
 
     Returns:
         ``k`` ``(B,)`` int64 (0 when no k worked), ``ch`` ``(B,)`` float64 (NaN when none worked),
@@ -80,7 +82,13 @@ def sklearn_cluster(
     for i in range(b):
         for k in k_values:
             gm = GaussianMixture(
-                n_components=k, covariance_type="full", reg_covar=reg_covar, max_iter=max_iter, tol=tol, random_state=seed
+                n_components=k,
+                covariance_type="full",
+                reg_covar=reg_covar,
+                max_iter=max_iter,
+                tol=tol,
+                n_init=n_init,
+                random_state=seed,
             )
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", ConvergenceWarning)

@@ -36,9 +36,9 @@ def calinski_harabasz(points: Tensor, labels: Tensor, n_clusters: int) -> Tensor
     Example::
 
         >>> import torch
-        >>> pts = torch.tensor([[[0.0], [0.1], [5.0], [5.1]]])
+        >>> pts = torch.tensor([[[0.0], [0.5], [5.0], [5.5]]])
         >>> calinski_harabasz(pts, torch.tensor([[0, 0, 1, 1]]), 2)
-        tensor([1250.0000], dtype=torch.float64)
+        tensor([200.], dtype=torch.float64)
 
     Args:
         points: ``(B, N, d)`` float points.
@@ -49,16 +49,19 @@ def calinski_harabasz(points: Tensor, labels: Tensor, n_clusters: int) -> Tensor
         ``(B,)`` float64.
     """
     x = points.double()
-    bsz, n, _ = x.shape
-    onehot = torch.nn.functional.one_hot(labels.long(), n_clusters).double()  # (B, N, K)
-    counts = onehot.sum(1)  # (B, K)
-    centroids = torch.bmm(onehot.mT, x) / counts.clamp_min(1).unsqueeze(-1)  # (B, K, d)
+    n = x.shape[1]
+    onehot = (labels.long().unsqueeze(1) == torch.arange(n_clusters, device=x.device).view(1, -1, 1)).double()
+    counts = onehot.sum(-1)  # (B, K)
+    centroids = torch.bmm(onehot, x) / counts.clamp_min(1).unsqueeze(-1)  # (B, K, d)
     grand = x.mean(1, keepdim=True)  # (B, 1, d)
     ssb = (counts * (centroids - grand).square().sum(-1)).sum(-1)
-    own = torch.gather(centroids, 1, labels.long().unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-    ssw = (x - own).square().sum((1, 2))
+    total = (x - grand).square().sum((1, 2))
+    # Within-cluster scatter by the parallel-axis theorem: total minus between-cluster scatter.
+    ssw = (total - ssb).clamp_min(0.0)
     k = (counts > 0).sum(-1).double()
     ch = ssb * (n - k) / (ssw * (k - 1.0))
-    ch = torch.where(ssw == 0, torch.ones_like(ch), ch)
+    # Cancellation leaves ~1e-16 * total where the scatter is really zero (k point masses).
+    zero = ssw <= 1e-12 * total
+    ch = torch.where(zero, torch.ones_like(ch), ch)
     undefined = (k < 2) | (k >= n)
     return torch.where(undefined, torch.full_like(ch, math.nan), ch)

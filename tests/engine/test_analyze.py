@@ -1,0 +1,152 @@
+import io
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_anomaly import AnalysisReport, AnomalyCriteria, analyze
+
+
+class Planted(nn.Module):
+    """Filters 0-6 read a quiet channel; filter 7 reads a loud channel that carries a trigger patch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = nn.Conv2d(2, 8, 3)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[:7, 0] = torch.randn(7, 3, 3, generator=g) * 0.3
+            self.conv.weight[7, 1] = 1.0
+            self.conv.bias.zero_()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def planted_probe(n: int = 64, triggered: int = 4) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 2, 8, 8, generator=g)
+    x[:, 0] *= 0.3
+    x[:triggered, 1, :3, :3] += 8.0
+    return x
+
+
+def test_planted_anomaly_filter_and_its_samples_are_found():
+    model = Planted()
+    x = planted_probe()
+    y = torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(2))
+    report = analyze(model, x, y)
+    layer = report.layers["conv"]
+    assert layer.anomaly.tolist() == [False] * 7 + [True]
+    assert layer.min_cluster_size[7].item() == 4
+    assert report.outlier_indices == [0, 1, 2, 3]
+    assert report.grad_norms is not None and report.grad_norms.shape == (64,)
+    assert report.gradient_ratio is not None and report.gradient_ratio > 0
+    # Each criterion is reported on its own and the anomaly flag is their conjunction.
+    assert torch.equal(layer.anomaly, layer.unbalanced & layer.high_ch & layer.high_activation)
+
+
+def test_reference_backend_finds_the_same_planted_filter():
+    report = analyze(Planted(), planted_probe(), backend="sklearn")
+    assert report.layers["conv"].anomaly_indices == [7]
+    assert report.outlier_indices == [0, 1, 2, 3]
+
+
+def test_dead_and_nan_filters_are_degenerate_not_anomalies():
+    model = Planted()
+    with torch.no_grad():
+        model.conv.weight[0] = 0.0  # dead: constant zero maps
+        model.conv.bias[1] = float("nan")
+    report = analyze(model, planted_probe())
+    layer = report.layers["conv"]
+    assert layer.degenerate[:2].tolist() == [True, True]
+    assert layer.reason[:2].tolist() == [2, 1]
+    assert not layer.anomaly[:2].any()
+    assert torch.isnan(layer.ch[:2]).all() and layer.k[:2].tolist() == [0, 0]
+    # Typical values come from the clusterable filters only.
+    ok = ~layer.degenerate
+    assert layer.ch_typical == pytest.approx(float(layer.ch[ok].median()))
+    assert layer.anomaly_indices == [7]
+
+
+def test_same_seed_same_report(tiny_cnn, probe):
+    a = analyze(tiny_cnn, *probe, seed=3)
+    b = analyze(tiny_cnn, *probe, seed=3)
+    for name in a.layers:
+        da, db = a.layers[name].to_dict(), b.layers[name].to_dict()
+        for key, va in da.items():
+            if isinstance(va, torch.Tensor):
+                assert torch.equal(va, db[key]) or torch.allclose(va, db[key], equal_nan=True), key
+    assert torch.equal(a.grad_norms, b.grad_norms)
+
+
+def test_global_rng_modes_and_hooks_untouched(tiny_cnn, probe):
+    tiny_cnn.train()
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    analyze(tiny_cnn, *probe)
+    assert torch.equal(state, torch.get_rng_state())
+    assert all(m.training for m in tiny_cnn.modules())
+    assert sum(len(m._forward_hooks) for m in tiny_cnn.modules()) == 0
+    assert all(p.grad is None for p in tiny_cnn.parameters())
+
+
+def test_probe_too_small_names_the_fix(tiny_cnn):
+    with pytest.raises(ValueError, match=r"4 samples, fewer than max\(k_range\)\+1=7; use at least 7"):
+        analyze(tiny_cnn, torch.randn(4, 1, 8, 8))
+
+
+def test_model_without_conv_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"no nn\.Conv2d layer"):
+        analyze(nn.Sequential(nn.Flatten(), nn.Linear(64, 2)), torch.randn(10, 1, 8, 8))
+
+
+def test_bad_arguments(tiny_cnn, probe):
+    with pytest.raises(ValueError, match="backend must be"):
+        analyze(tiny_cnn, probe[0], backend="jax")
+    with pytest.raises(TypeError, match="criteria must be an AnomalyCriteria"):
+        analyze(tiny_cnn, probe[0], criteria={"min_cluster_size": 3})
+    with pytest.raises(ValueError, match="one entry per probe sample"):
+        analyze(tiny_cnn, probe[0], probe[1][:5])
+    with pytest.raises(ValueError, match=r"inputs must be a tensor of shape \(N, ...\)"):
+        analyze(tiny_cnn, [1, 2, 3])
+
+
+def test_bf16_model_and_channels_last_inputs(tiny_cnn, probe):
+    ref = analyze(tiny_cnn, probe[0])
+    cl = analyze(tiny_cnn.to(memory_format=torch.channels_last), probe[0].to(memory_format=torch.channels_last))
+    assert torch.equal(ref.layers["conv1"].k, cl.layers["conv1"].k)
+    bf = analyze(tiny_cnn.to(torch.bfloat16), probe[0])
+    assert bf.n_filters == ref.n_filters
+    assert all(torch.isfinite(lr.ch[~lr.degenerate]).all() for lr in bf.layers.values())
+
+
+def test_report_round_trips_through_weights_only_load_and_json():
+    report = analyze(Planted(), planted_probe(), torch.zeros(64, dtype=torch.long))
+    buf = io.BytesIO()
+    torch.save(report.to_dict(), buf)
+    buf.seek(0)
+    back = AnalysisReport.from_dict(torch.load(buf, weights_only=True))
+    assert back.anomaly_count == report.anomaly_count
+    assert back.outlier_indices == report.outlier_indices
+    assert torch.equal(back.layers["conv"].labels, report.layers["conv"].labels)
+    via_json = AnalysisReport.from_dict(json.loads(json.dumps(report.to_dict(tensors="list"))))
+    assert torch.allclose(via_json.layers["conv"].ch, report.layers["conv"].ch, equal_nan=True)
+    assert via_json.gradient_ratio == pytest.approx(report.gradient_ratio)
+
+
+def test_no_outlier_means_no_gradient_ratio(tiny_cnn, probe):
+    crit = AnomalyCriteria(min_cluster_size=1, ch_ratio=1e9)
+    report = analyze(tiny_cnn, *probe, criteria=crit)
+    assert report.anomaly_count == 0
+    assert report.gradient_ratio is None and report.outlier_grad_norm is None
+    assert report.summary()["gradient_ratio"] is None
+
+
+def test_layers_argument_and_progress_callback(tiny_cnn, probe):
+    seen = []
+    report = analyze(tiny_cnn, probe[0], layers=["conv2"], on_layer=seen.append)
+    assert list(report.layers) == ["conv2"] == seen
