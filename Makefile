@@ -18,6 +18,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/ruff check lightning_anomaly tests benchmarks examples
+	$(BIN)/ruff format --check lightning_anomaly tests benchmarks examples
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 

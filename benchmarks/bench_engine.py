@@ -105,11 +105,19 @@ def bench_small(args) -> dict:
     t0 = time.perf_counter()
     ref = analyze(model, xtr[idx], ytr[idx], criteria=crit, seed=args.seed, backend="sklearn")
     ref_s = time.perf_counter() - t0
+    # The reference against itself with another seed: how stable the method is, a ceiling for agreement.
+    ref2 = analyze(model, xtr[idx], criteria=crit, seed=args.seed + 1, backend="sklearn")
     k_e = torch.cat([lr.k for lr in eng.layers.values()])
     k_r = torch.cat([lr.k for lr in ref.layers.values()])
     ch_e = torch.cat([lr.ch for lr in eng.layers.values()])
     ch_r = torch.cat([lr.ch for lr in ref.layers.values()])
     a_e, a_r = eng.anomaly_count, ref.anomaly_count
+    k_r2 = torch.cat([lr.k for lr in ref2.layers.values()])
+    ch_r2 = torch.cat([lr.ch for lr in ref2.layers.values()])
+
+    def unbalanced(rep):
+        return int(sum(lr.unbalanced.sum() for lr in rep.layers.values()))
+
     return {
         "filters": eng.n_filters,
         "probe": len(idx),
@@ -117,6 +125,9 @@ def bench_small(args) -> dict:
         "reference_s": ref_s,
         "speedup": ref_s / engine_s,
         "agreement": _agreement(k_e, ch_e, k_r, ch_r),
+        "reference_self_agreement_other_seed": _agreement(k_r2, ch_r2, k_r, ch_r),
+        "unbalanced_engine": unbalanced(eng),
+        "unbalanced_reference": unbalanced(ref),
         "anomalies_engine": a_e,
         "anomalies_reference": a_r,
         "anomaly_count_rel_diff": abs(a_e - a_r) / max(a_r, 1) if (a_e or a_r) else 0.0,
@@ -143,7 +154,9 @@ def main() -> None:
         s = out["small_cnn_digits"]
         print(
             f"SmallCNN digits, {s['filters']} filters: engine {s['engine_s']:.2f} s, reference {s['reference_s']:.1f} s, "
-            f"x{s['speedup']:.0f}; agreement {s['agreement']}; anomalies {s['anomalies_engine']} vs {s['anomalies_reference']}"
+            f"x{s['speedup']:.0f}; agreement {s['agreement']} (reference vs itself, other seed: "
+            f"{s['reference_self_agreement_other_seed']}); anomalies {s['anomalies_engine']} vs {s['anomalies_reference']}; "
+            f"unbalanced {s['unbalanced_engine']} vs {s['unbalanced_reference']}"
         )
     print(json.dumps(out, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
 

@@ -47,7 +47,9 @@ class SmallCNN(nn.Module):
         self.features = nn.Sequential(*blocks)
         # A flattened head (no global pooling) gives the network room to memorise.
         self.head = nn.Sequential(
-            nn.Flatten(), nn.Dropout(dropout) if dropout else nn.Identity(), nn.Linear(chans[3] * (image_size // 4) ** 2, num_classes)
+            nn.Flatten(),
+            nn.Dropout(dropout) if dropout else nn.Identity(),
+            nn.Linear(chans[3] * (image_size // 4) ** 2, num_classes),
         )
 
     def forward(self, x: Tensor) -> Tensor:

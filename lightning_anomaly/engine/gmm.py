@@ -147,9 +147,10 @@ def _kmeans_labels(x: Tensor, k: int, n_iter: int, uniforms: Tensor) -> Tensor:
     bsz, n, _ = x.shape
     trials = _n_trials(k)
     rows = torch.arange(bsz, device=x.device)
+    px, py = x[..., 0], x[..., 1]  # (B, N) each: no reductions over a size-2 dimension
     first = (uniforms[:, 0] * n).long().clamp_max(n - 1)
     centers = [x[rows, first]]  # list of (B, 2)
-    d2 = (x - centers[0].unsqueeze(1)).square().sum(-1)
+    d2 = (px - centers[0][:, :1]).square_() + (py - centers[0][:, 1:]).square_()
     for j in range(1, k):
         total = d2.sum(-1, keepdim=True)
         # All points on the chosen centres: any point will do, take a uniform one.
@@ -157,10 +158,11 @@ def _kmeans_labels(x: Tensor, k: int, n_iter: int, uniforms: Tensor) -> Tensor:
         cdf = probs.cumsum(-1)
         u = uniforms[:, 1 + (j - 1) * trials : 1 + j * trials].to(cdf.dtype)
         cand = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_max(n - 1)  # (B, T)
-        cand_pts = torch.gather(x, 1, cand.unsqueeze(-1).expand(-1, -1, 2))  # (B, T, 2)
-        cand_d2 = torch.minimum(d2.unsqueeze(1), (x.unsqueeze(1) - cand_pts.unsqueeze(2)).square().sum(-1))
+        cx, cy = torch.gather(px, 1, cand), torch.gather(py, 1, cand)  # (B, T)
+        cand_d2 = (px.unsqueeze(1) - cx.unsqueeze(-1)).square_() + (py.unsqueeze(1) - cy.unsqueeze(-1)).square_()
+        cand_d2 = torch.minimum(cand_d2, d2.unsqueeze(1))  # (B, T, N)
         best = cand_d2.sum(-1).argmin(-1)  # (B,)
-        centers.append(cand_pts[rows, best])
+        centers.append(torch.stack([cx[rows, best], cy[rows, best]], dim=-1))
         d2 = cand_d2[rows, best]
     cen = torch.stack(centers, dim=1)  # (B, k, 2)
     x1 = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)  # (B, N, 3)
