@@ -5,6 +5,7 @@ mixture, split the probe into a tiny, well-separated, strongly activating cluste
 serve a handful of samples.
 """
 
+from lightning_anomaly.callbacks import AnomalyFilterCallback
 from lightning_anomaly.criteria import AnomalyCriteria
 from lightning_anomaly.engine.analyze import analyze
 from lightning_anomaly.engine.gradients import per_sample_grad_norms
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AnalysisReport",
+    "AnomalyFilterCallback",
     "AnomalyCriteria",
     "LayerReport",
     "__version__",

@@ -1,0 +1,113 @@
+"""Small LightningModules and data for callback tests (importable by spawned DDP workers)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_anomaly import AnomalyFilterCallback
+
+
+def make_data(n: int = 96, seed: int = 0, size: int = 8) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = torch.randn(n, 1, size, size, generator=g) * 0.5
+    x[:, 0, :4, :4] += y.view(-1, 1, 1).float()  # learnable signal
+    return TensorDataset(x, y)
+
+
+class Net(LightningModule):
+    """Conv + BatchNorm + dropout + an augmentation drawing from the global RNG."""
+
+    def __init__(self, width: int = 6, lr: float = 0.05, output: str = "tensor", n: int = 96) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.conv2(x))
+        logits = self.head(self.drop(x.mean((2, 3))))
+        if self.hparams.output == "dict":
+            return {"logits": logits, "features": x}
+        if self.hparams.output == "tuple":
+            return logits, x
+        return logits
+
+    def logits(self, x):
+        out = self(x)
+        if isinstance(out, dict):
+            return out["logits"]
+        return out[0] if isinstance(out, tuple) else out
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        flip = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5  # augmentation from the global RNG
+        x = torch.where(flip, x.flip(-1), x)
+        logits = self.logits(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        self.log("train_loss", loss, on_step=False, on_epoch=True)
+        self.log("train_acc", (logits.argmax(-1) == y).float().mean(), on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.logits(x)
+        self.log("val_loss", nn.functional.cross_entropy(logits, y))
+        self.log("val_acc", (logits.argmax(-1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+    def train_dataloader(self):
+        return DataLoader(make_data(self.hparams.n), batch_size=16, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(make_data(48, seed=1), batch_size=16)
+
+
+FAST = dict(
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    accelerator="cpu",
+    devices=1,
+    deterministic=True,
+)
+
+
+def _report_digest(report) -> dict:
+    return {
+        name: {
+            "k": layer.k.tolist(),
+            "anomaly": layer.anomaly.tolist(),
+            "labels": layer.labels.tolist(),
+        }
+        for name, layer in report.layers.items()
+    }
+
+
+class RecordingMonitor(AnomalyFilterCallback):
+    """An AnomalyFilterCallback that writes what each rank holds to ``out_dir/rank<r>.json``."""
+
+    def __init__(self, out_dir: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module):
+        super().on_train_end(trainer, pl_module)
+        doc = {
+            "world_size": trainer.world_size,
+            "probe_indices": self.probe_indices,
+            "history": [{k: v for k, v in h.items() if k not in ("metrics", "seconds")} for h in self.history],
+            "report": _report_digest(self.last_report),
+        }
+        Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(doc))
