@@ -2,5 +2,6 @@
 
 from lightning_anomaly.demo.data import digits_tensors
 from lightning_anomaly.demo.model import SmallCNN
+from lightning_anomaly.demo.module import ImageClassifier
 
-__all__ = ["SmallCNN", "digits_tensors"]
+__all__ = ["ImageClassifier", "SmallCNN", "digits_tensors"]

@@ -1,9 +1,27 @@
-"""Per-sample gradient norms with ``torch.func``."""
+"""Per-sample gradient norms: exact, without materialising a model's worth of gradients per sample.
+
+Three methods give the same numbers:
+
+* ``"ghost"`` (the default where it applies): one batched forward and one ``autograd.grad`` with
+  respect to the outputs of the layers that own parameters, then each layer's per-sample gradient
+  norm in closed form from its inputs and output gradients. For a conv or linear layer the
+  per-sample weight gradient is ``G_i = D_i A_i^T`` (``A_i`` the unfolded input, ``D_i`` the output
+  gradient, over ``T`` positions); its squared norm is computed either from ``G_i`` or, when
+  cheaper, as ``sum((A_i^T A_i) * (D_i^T D_i))`` (the "ghost norm"). BatchNorm layers (eval mode)
+  are exact too. Covers ``nn.Conv2d`` (any stride, padding, dilation, groups), ``nn.Linear`` and
+  ``nn.BatchNorm1d/2d``; a model with any other parameter owner, or a layer called twice, uses the
+  next method.
+* ``"vmap"``: ``functional_call`` + ``vmap`` + ``grad`` (materialises per-sample gradients).
+* ``"loop"``: one ``autograd.grad`` per sample; for models ``vmap`` cannot trace.
+
+The model is in eval mode throughout (modes restored), no ``.grad`` is touched and no random number
+is drawn.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +32,8 @@ from lightning_anomaly.engine.capture import eval_mode
 __all__ = ["per_sample_grad_norms"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+Method = Literal["auto", "ghost", "vmap", "loop"]
+_GHOST_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 def _default_loss(output: Tensor, target: Tensor) -> Tensor:
@@ -26,76 +46,195 @@ def per_sample_grad_norms(
     targets: Tensor,
     loss_fn: LossFn | None = None,
     *,
-    chunk_size: int = 32,
+    chunk_size: int = 64,
     output_transform: Callable[[Any], Tensor] | None = None,
+    method: Method = "auto",
 ) -> Tensor:
     """L2 norm of the loss gradient with respect to all trainable parameters, one per sample.
-
-    Computed with ``functional_call`` + ``vmap`` + ``grad`` in chunks of ``chunk_size`` samples,
-    with the model in eval mode (modes restored afterwards). No ``.grad`` attribute is touched and
-    no random number is drawn. Models that ``vmap`` cannot trace (in-place tricks, data-dependent
-    control flow) fall back to one backward pass per sample, which gives the same numbers.
 
     Example::
 
         >>> import torch
         >>> from torch import nn
-        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
-        >>> x, y = torch.randn(5, 2, 2), torch.tensor([0, 1, 2, 0, 1])
-        >>> per_sample_grad_norms(net, x, y).shape
-        torch.Size([5])
+        >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(5, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1])
+        >>> ghost = per_sample_grad_norms(net, x, y)
+        >>> torch.allclose(ghost, per_sample_grad_norms(net, x, y, method="loop"), rtol=1e-4)
+        True
 
     Args:
         model: The network.
         inputs: ``(N, ...)`` probe inputs on the model's device.
         targets: ``(N, ...)`` targets for ``loss_fn``.
-        loss_fn: ``(output (1, ...), target (1, ...)) -> scalar``; cross-entropy by default.
-        chunk_size: Samples per vmapped call (bounds memory).
-        output_transform: Maps the model's output to what ``loss_fn`` takes (for models returning
-            tuples or dicts).
+        loss_fn: ``(output (1, ...), target (1, ...)) -> scalar``, called on one sample at a time;
+            cross-entropy by default.
+        chunk_size: Samples per batched pass (bounds memory).
+        output_transform: Maps the model's output to what ``loss_fn`` takes (tuple or dict outputs).
+        method: ``"auto"`` (ghost where it applies, else vmap, else loop) or one of them.
 
     Returns:
         ``(N,)`` float64 on the CPU.
 
     Raises:
-        ValueError: ``inputs`` and ``targets`` disagree in length, or the model has no trainable
-            parameter.
+        ValueError: ``inputs`` and ``targets`` disagree in length, the model has no trainable
+            parameter, or ``method="ghost"`` was asked of a model it does not cover.
     """
     if inputs.shape[0] != targets.shape[0]:
         raise ValueError(f"inputs and targets must have the same length, got {inputs.shape[0]} and {targets.shape[0]}")
     loss = loss_fn or _default_loss
     transform = output_transform or (lambda o: o)
-    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    if not params:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("model has no trainable parameter; per-sample gradient norms are undefined")
+    with eval_mode(model), torch.enable_grad():
+        if method in ("auto", "ghost"):
+            norms = _ghost(model, inputs, targets, loss, transform, chunk_size)
+            if norms is not None:
+                return norms
+            if method == "ghost":
+                raise ValueError(
+                    "method='ghost' covers models whose parameters all belong to Conv2d, Linear and BatchNorm "
+                    "layers, each called once per forward; use method='auto'"
+                )
+        if method in ("auto", "vmap"):
+            try:
+                return _vmap(model, inputs, targets, loss, transform, max(1, chunk_size // 4))
+            except (RuntimeError, NotImplementedError):
+                if method == "vmap":
+                    raise
+        return _loop(model, inputs, targets, loss, transform)
+
+
+# ---------------------------------------------------------------------------- ghost norms
+def _owners(model: nn.Module) -> list[nn.Module] | None:
+    """Modules that own trainable parameters, if every one of them is a supported type."""
+    owners = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    for m in owners:
+        if not isinstance(m, _GHOST_TYPES):
+            return None
+        if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+            return None
+        if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) and (m.running_mean is None or m.running_var is None):
+            return None  # batch statistics couple the samples
+    return owners
+
+
+def _sq_matmul_norm(a: Tensor, d: Tensor) -> Tensor:
+    """``||D_i A_i^T||_F^2`` per sample for ``a`` ``(n, g, Din, T)`` and ``d`` ``(n, g, Dout, T)``."""
+    din, dout, t = a.shape[2], d.shape[2], a.shape[3]
+    if t * t * (din + dout) < din * dout * t:
+        return ((a.mT @ a) * (d.mT @ d)).sum((1, 2, 3))  # ghost norm over positions
+    return (d @ a.mT).square().sum((1, 2, 3))
+
+
+def _pad_like_conv(m: nn.Conv2d, x: Tensor) -> Tensor:
+    """Zero-pad ``x`` as ``m`` does, including ``padding="same"`` (possibly asymmetric)."""
+    if isinstance(m.padding, str):
+        if m.padding == "valid":
+            return x
+        pads: list[int] = []
+        for k, dil in zip(reversed(m.kernel_size), reversed(m.dilation), strict=True):
+            total = dil * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return nn.functional.pad(x, pads)
+    ph, pw = m.padding
+    return nn.functional.pad(x, [pw, pw, ph, ph]) if ph or pw else x
+
+
+def _layer_sq_norm(m: nn.Module, x: Tensor, d: Tensor) -> Tensor:
+    x, d = x.double(), d.double()
+    n = x.shape[0]
+    if isinstance(m, nn.Conv2d):
+        g = m.groups
+        a = nn.functional.unfold(_pad_like_conv(m, x), m.kernel_size, m.dilation, 0, m.stride)  # (n, Cin*k*k, T)
+        a = a.reshape(n, g, a.shape[1] // g, a.shape[2])
+        dd = d.reshape(n, g, d.shape[1] // g, -1)
+        sq = _sq_matmul_norm(a, dd) if m.weight.requires_grad else x.new_zeros(n)
+        if m.bias is not None and m.bias.requires_grad:
+            sq = sq + dd.sum(-1).square().sum((1, 2))
+        return sq
+    if isinstance(m, nn.Linear):
+        a = x.reshape(n, -1, x.shape[-1]).mT.unsqueeze(1)  # (n, 1, Din, T)
+        dd = d.reshape(n, -1, d.shape[-1]).mT.unsqueeze(1)  # (n, 1, Dout, T)
+        sq = _sq_matmul_norm(a, dd) if m.weight.requires_grad else x.new_zeros(n)
+        if m.bias is not None and m.bias.requires_grad:
+            sq = sq + dd.sum(-1).square().sum((1, 2))
+        return sq
+    assert isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)
+    assert m.running_mean is not None and m.running_var is not None
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    xhat = (x - m.running_mean.double().view(shape)) / (m.running_var.double().view(shape) + m.eps).sqrt()
+    dims = tuple(range(2, x.ndim))
+    sq = x.new_zeros(n)
+    if m.weight is not None and m.weight.requires_grad:
+        sq = sq + (d * xhat).sum(dims).square().sum(1)
+    if m.bias is not None and m.bias.requires_grad:
+        sq = sq + d.sum(dims).square().sum(1)
+    return sq
+
+
+def _ghost(
+    model: nn.Module, inputs: Tensor, targets: Tensor, loss: LossFn, transform: Callable[[Any], Tensor], chunk: int
+) -> Tensor | None:
+    owners = _owners(model)
+    if owners is None:
+        return None
+    norms: list[Tensor] = []
+    for lo in range(0, inputs.shape[0], chunk):
+        x, y = inputs[lo : lo + chunk], targets[lo : lo + chunk]
+        seen: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {m: [] for m in owners}
+
+        def hook(module: nn.Module, args: Any, output: Tensor, seen: dict[nn.Module, Any] = seen) -> Tensor:
+            # Copies keep both tensors safe from later in-place ops (ReLU(inplace=True), out += x):
+            # the input is read after the backward, and the output is what we differentiate by.
+            seen[module].append((args[0].detach().clone(), output))
+            return output.clone()
+
+        handles = [m.register_forward_hook(hook) for m in owners]
+        try:
+            out = transform(model(x))
+        finally:
+            for h in handles:
+                h.remove()
+        if any(len(calls) != 1 for calls in seen.values()):
+            return None  # unused or shared layers: per-sample gradients would add across calls
+        # Summing per-sample losses makes each layer's output gradient the per-sample one.
+        total = torch.stack([loss(out[i : i + 1], y[i : i + 1]) for i in range(x.shape[0])]).sum()
+        outputs = [seen[m][0][1] for m in owners]
+        grads = torch.autograd.grad(total, outputs, allow_unused=True)
+        sq = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        for m, g in zip(owners, grads, strict=True):
+            if g is not None:
+                sq = sq + _layer_sq_norm(m, seen[m][0][0], g)
+        norms.append(sq.sqrt().cpu())
+    return torch.cat(norms)
+
+
+# ---------------------------------------------------------------------------- vmap and loop
+def _vmap(
+    model: nn.Module, inputs: Tensor, targets: Tensor, loss: LossFn, transform: Callable[[Any], Tensor], chunk: int
+) -> Tensor:
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     buffers = {n: b.detach() for n, b in model.named_buffers()}
 
     def sample_loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        out = transform(functional_call(model, (p, buffers), (x.unsqueeze(0),)))
-        return loss(out, y.unsqueeze(0))
+        return loss(transform(functional_call(model, (p, buffers), (x.unsqueeze(0),))), y.unsqueeze(0))
 
     per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
-    norms: list[Tensor] = []
-    with eval_mode(model), torch.enable_grad():
-        try:
-            for lo in range(0, inputs.shape[0], chunk_size):
-                g = per_sample(params, inputs[lo : lo + chunk_size], targets[lo : lo + chunk_size])
-                sq = sum(t.double().flatten(1).square().sum(1) for t in g.values())
-                norms.append(torch.as_tensor(sq).sqrt().cpu())
-        except (RuntimeError, NotImplementedError):
-            norms = [_loop_norm(model, params, inputs[i], targets[i], sample_loss) for i in range(inputs.shape[0])]
-    return torch.cat([n.reshape(-1) for n in norms])
+    norms = []
+    for lo in range(0, inputs.shape[0], chunk):
+        g = per_sample(params, inputs[lo : lo + chunk], targets[lo : lo + chunk])
+        sq = sum(t.double().flatten(1).square().sum(1) for t in g.values())
+        norms.append(torch.as_tensor(sq).sqrt().cpu())
+    return torch.cat(norms)
 
 
-def _loop_norm(
-    model: nn.Module,
-    params: dict[str, Tensor],
-    x: Tensor,
-    y: Tensor,
-    sample_loss: Callable[[dict[str, Tensor], Tensor, Tensor], Tensor],
+def _loop(
+    model: nn.Module, inputs: Tensor, targets: Tensor, loss: LossFn, transform: Callable[[Any], Tensor]
 ) -> Tensor:
-    leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
-    value = sample_loss(leaves, x, y)
-    grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
-    sq = sum(g.double().square().sum() for g in grads if g is not None)
-    return torch.as_tensor(sq, dtype=torch.float64).sqrt().reshape(1).cpu()
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = torch.empty(inputs.shape[0], dtype=torch.float64)
+    for i in range(inputs.shape[0]):
+        value = loss(transform(model(inputs[i : i + 1])), targets[i : i + 1])
+        grads = torch.autograd.grad(value, params, allow_unused=True)
+        out[i] = float(sum(g.double().square().sum() for g in grads if g is not None)) ** 0.5
+    return out

@@ -19,14 +19,14 @@ def manual_norms(model, x, y):
 def test_matches_one_backward_per_sample(tiny_cnn, probe):
     x, y = probe
     tiny_cnn.train()
-    ours = per_sample_grad_norms(tiny_cnn, x, y, chunk_size=7)
+    ours = per_sample_grad_norms(tiny_cnn, x, y, chunk_size=7)  # ghost norms
     assert tiny_cnn.training  # mode restored
     assert all(p.grad is None for p in tiny_cnn.parameters())
     ref = manual_norms(tiny_cnn, x, y)
     assert torch.allclose(ours, ref, rtol=1e-4)
 
 
-def test_falls_back_when_vmap_cannot_trace(probe):
+def test_data_dependent_control_flow(probe):
     class ItemNet(nn.Module):
         def __init__(self):
             super().__init__()
@@ -43,6 +43,8 @@ def test_falls_back_when_vmap_cannot_trace(probe):
     net = ItemNet()
     x, y = probe
     assert torch.allclose(per_sample_grad_norms(net, x, y), manual_norms(net, x, y), rtol=1e-4)
+    with pytest.raises(RuntimeError):  # vmap cannot trace .item(); "auto" never needs it here
+        per_sample_grad_norms(net, x, y, method="vmap")
 
 
 def test_errors(tiny_cnn, probe):
@@ -51,3 +53,70 @@ def test_errors(tiny_cnn, probe):
     frozen = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameter"):
         per_sample_grad_norms(frozen, *probe)
+
+
+class Mixed(nn.Module):
+    """Grouped, depthwise, strided and dilated convs, BatchNorm, in-place ReLU and a Linear on a sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 8, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 4, padding="same", dilation=2, groups=4)
+        self.dw = nn.Conv2d(8, 8, 2, padding="same", groups=8, bias=False)  # asymmetric padding
+        self.seq = nn.Linear(8, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = nn.functional.relu(self.bn(self.c1(x)), inplace=True)
+        h = self.dw(self.c2(h))
+        h = h.flatten(2).mT  # (N, T, 8): a Linear applied at every position
+        return self.head(self.seq(h).mean(1))
+
+
+def test_ghost_equals_loop_on_grouped_strided_dilated_and_sequence_layers():
+    torch.manual_seed(0)
+    net = Mixed()
+    net.bn.running_mean.uniform_(-1, 1)
+    net.bn.running_var.uniform_(0.5, 2)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(12, 2, 9, 9, generator=g), torch.randint(0, 3, (12,), generator=g)
+    ghost = per_sample_grad_norms(net, x, y, method="ghost", chunk_size=5)
+    assert torch.allclose(ghost, per_sample_grad_norms(net, x, y, method="loop"), rtol=1e-5)
+    assert torch.allclose(ghost, per_sample_grad_norms(net, x, y, method="vmap"), rtol=1e-4)
+
+
+def test_frozen_parameters_are_left_out(tiny_cnn, probe):
+    tiny_cnn.conv1.requires_grad_(False)
+    x, y = probe
+    assert torch.allclose(
+        per_sample_grad_norms(tiny_cnn, x, y, method="ghost"), per_sample_grad_norms(tiny_cnn, x, y, method="loop")
+    )
+
+
+def test_unsupported_layers_fall_back_and_ghost_says_so(probe):
+    class WithNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.norm = nn.LayerNorm([4, 6, 6])
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(self.norm(self.conv(x)).mean((2, 3)))
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3, padding=1)
+            self.fc = nn.Linear(1, 3)
+
+        def forward(self, x):
+            return self.fc(self.conv(self.conv(x)).mean((2, 3)))
+
+    x, y = probe
+    for net in (WithNorm(), Shared()):
+        auto = per_sample_grad_norms(net, x, y)
+        assert torch.allclose(auto, per_sample_grad_norms(net, x, y, method="loop"), rtol=1e-4)
+        with pytest.raises(ValueError, match="method='ghost' covers"):
+            per_sample_grad_norms(net, x, y, method="ghost")
