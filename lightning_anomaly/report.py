@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["AnalysisReport", "LayerReport"]
+if TYPE_CHECKING:
+    from lightning_anomaly.criteria import AnomalyCriteria
+
+__all__ = ["AnalysisReport", "LayerReport", "count_outliers"]
+
+# Settings that change the clustering itself; the others only change the flags.
+_CLUSTERING_SETTINGS = ("k_range", "n_components", "max_iter", "tol", "reg_covar", "kmeans_iter", "n_init")
 
 _TENSOR_FIELDS = (
     "k",
@@ -225,6 +232,39 @@ class AnalysisReport:
             return None
         return out / norm
 
+    def reflag(self, criteria: AnomalyCriteria) -> AnalysisReport:
+        """The same analysis judged by other flagging rules, without clustering again.
+
+        Only ``min_cluster_size``, ``ch_ratio``, ``activation_ratio`` and ``layer_statistic`` may
+        differ from the criteria the report was made with: everything else changes the clustering.
+
+        Raises:
+            ValueError: ``criteria`` changes a clustering setting.
+        """
+        changed = [k for k in _CLUSTERING_SETTINGS if k in self.criteria and criteria.to_dict()[k] != self.criteria[k]]
+        if changed:
+            raise ValueError(
+                f"reflag cannot change clustering settings {changed}; run analyze again with these criteria"
+            )
+        layers: OrderedDict[str, LayerReport] = OrderedDict()
+        for name, lr in self.layers.items():
+            flags = criteria.flag(lr.min_cluster_size, lr.ch, lr.activation, lr.degenerate)
+            layers[name] = replace(
+                lr,
+                unbalanced=flags["unbalanced"],
+                high_ch=flags["high_ch"],
+                high_activation=flags["high_activation"],
+                anomaly=flags["anomaly"],
+                ch_typical=criteria.typical(lr.ch, ~lr.degenerate),
+                activation_typical=criteria.typical(lr.activation, ~lr.degenerate),
+            )
+        return replace(
+            self,
+            layers=layers,
+            outlier_counts=count_outliers(layers.values(), self.n_samples),
+            criteria=criteria.to_dict(),
+        )
+
     def _mean_grad(self, outlier: bool) -> float | None:
         mask = self.outlier_counts > 0
         # Both groups must be non-empty for the comparison to mean anything.
@@ -300,6 +340,15 @@ class AnalysisReport:
             )
         rows.append(repr(self))
         return "\n".join(rows)
+
+
+def count_outliers(layers: Iterable[LayerReport], n_samples: int) -> Tensor:
+    """For each probe sample, the number of anomaly filters whose smallest cluster holds it."""
+    counts = torch.zeros(n_samples, dtype=torch.long)
+    for lr in layers:
+        for c in lr.anomaly_indices:
+            counts += lr.small_cluster_members(c).long()
+    return counts
 
 
 def _nanmean(t: Tensor) -> float:

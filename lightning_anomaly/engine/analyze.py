@@ -18,7 +18,7 @@ from lightning_anomaly.engine.gradients import LossFn, per_sample_grad_norms
 from lightning_anomaly.engine.pca import batched_pca
 from lightning_anomaly.engine.reference import sklearn_cluster, sklearn_pca
 from lightning_anomaly.engine.scores import calinski_harabasz, cluster_sizes
-from lightning_anomaly.report import AnalysisReport, LayerReport
+from lightning_anomaly.report import AnalysisReport, LayerReport, count_outliers
 
 __all__ = ["analyze", "cluster_points"]
 
@@ -197,10 +197,7 @@ def analyze(
     captures = capture_layers(model, x, sites, criteria.n_components, pca=pca, forward=forward, on_layer=on_layer)
     layer_reports = _cluster_and_flag(captures, criteria, seed, backend, n)
 
-    counts = torch.zeros(n, dtype=torch.long)
-    for lr in layer_reports.values():
-        for c in lr.anomaly_indices:
-            counts += lr.small_cluster_members(c).long()
+    counts = count_outliers(layer_reports.values(), n)
 
     grads = None
     if targets is not None:

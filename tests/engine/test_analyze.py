@@ -150,3 +150,17 @@ def test_layers_argument_and_progress_callback(tiny_cnn, probe):
     seen = []
     report = analyze(tiny_cnn, probe[0], layers=["conv2"], on_layer=seen.append)
     assert list(report.layers) == ["conv2"] == seen
+
+
+def test_reflag_equals_a_fresh_analysis_with_the_new_rules():
+    model, x = Planted(), planted_probe()
+    strict = AnomalyCriteria(ch_ratio=1e6)
+    fresh = analyze(model, x, criteria=strict)
+    again = analyze(model, x).reflag(strict)
+    assert fresh.anomaly_count == again.anomaly_count == 0
+    for name in fresh.layers:
+        for key in ("unbalanced", "high_ch", "high_activation", "anomaly"):
+            assert torch.equal(getattr(fresh.layers[name], key), getattr(again.layers[name], key))
+    assert torch.equal(fresh.outlier_counts, again.outlier_counts)
+    with pytest.raises(ValueError, match=r"reflag cannot change clustering settings \['k_range'\]"):
+        fresh.reflag(AnomalyCriteria(k_range=(2, 3)))
