@@ -5,7 +5,8 @@ mixture, split the probe into a tiny, well-separated, strongly activating cluste
 serve a handful of samples.
 """
 
-from lightning_anomaly.callbacks import AnomalyFilterCallback
+from lightning_anomaly.ablation import ablate_filters
+from lightning_anomaly.callbacks import AnomalyFilterCallback, AnomalyPruneCallback
 from lightning_anomaly.criteria import AnomalyCriteria
 from lightning_anomaly.engine.analyze import analyze
 from lightning_anomaly.engine.gradients import per_sample_grad_norms
@@ -16,9 +17,11 @@ __version__ = "0.1.0"
 __all__ = [
     "AnalysisReport",
     "AnomalyFilterCallback",
+    "AnomalyPruneCallback",
     "AnomalyCriteria",
     "LayerReport",
     "__version__",
+    "ablate_filters",
     "analyze",
     "per_sample_grad_norms",
 ]

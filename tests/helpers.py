@@ -10,7 +10,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_anomaly import AnomalyFilterCallback
+from lightning_anomaly import AnomalyFilterCallback, AnomalyPruneCallback
 
 
 def make_data(n: int = 96, seed: int = 0, size: int = 8) -> TensorDataset:
@@ -111,3 +111,43 @@ class RecordingMonitor(AnomalyFilterCallback):
             "report": _report_digest(self.last_report),
         }
         Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(doc))
+
+
+LENIENT = dict(min_cluster_size=8, ch_ratio=0.5, activation_ratio=0.5)
+
+
+def channel_outputs(model, x, train: bool):
+    """Outputs of conv1 -> bn1 and of conv2 for ``x`` in the given mode (mode restored)."""
+    seen = {}
+    hooks = [
+        model.bn1.register_forward_hook(lambda m, a, o: seen.__setitem__("bn1", o.detach())),
+        model.conv2.register_forward_hook(lambda m, a, o: seen.__setitem__("conv2", o.detach())),
+    ]
+    was = model.training
+    model.train(train)
+    with torch.no_grad():
+        model(x)
+    model.train(was)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+class RecordingPruner(AnomalyPruneCallback):
+    """An AnomalyPruneCallback that writes each rank's masks and conv weights to ``out_dir/prune<r>.json``."""
+
+    def __init__(self, out_dir: str, monitor, **kwargs) -> None:
+        super().__init__(monitor, **kwargs)
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module):
+        super().on_train_end(trainer, pl_module)
+        doc = {
+            "pruned": self.pruned,
+            "zero_filters": {
+                name: (m.weight.flatten(1).abs().sum(1) == 0).nonzero().flatten().tolist()
+                for name, m in pl_module.named_modules()
+                if isinstance(m, nn.Conv2d)
+            },
+        }
+        Path(self.out_dir, f"prune{trainer.global_rank}.json").write_text(json.dumps(doc))

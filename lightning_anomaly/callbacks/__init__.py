@@ -1,5 +1,6 @@
 """Lightning callbacks: they orchestrate, the engine computes."""
 
 from lightning_anomaly.callbacks.monitor import AnomalyFilterCallback
+from lightning_anomaly.callbacks.prune import AnomalyPruneCallback
 
-__all__ = ["AnomalyFilterCallback"]
+__all__ = ["AnomalyFilterCallback", "AnomalyPruneCallback"]

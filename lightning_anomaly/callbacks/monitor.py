@@ -147,6 +147,7 @@ class AnomalyFilterCallback(Callback):
             self._probe = self._check_probe(probe)
         self._layout_written = False
         self._warned_no_logger = False
+        self._analysed_epoch: int | None = None
 
     # ----------------------------------------------------------------- settings and state
     @property
@@ -167,6 +168,11 @@ class AnomalyFilterCallback(Callback):
         if indices is not None and not self._explicit_probe and indices != self.probe_indices:
             self.probe_indices = [int(i) for i in indices]
             self._probe = None  # re-read the restored indices at the next train start
+
+    @property
+    def probe(self) -> tuple[Tensor, Tensor | None] | None:
+        """The probe ``(inputs, targets)`` on the CPU, once chosen (``None`` before training starts)."""
+        return self._probe
 
     @property
     def _explicit_probe(self) -> bool:
@@ -227,10 +233,22 @@ class AnomalyFilterCallback(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.analysis_for_epoch(trainer, pl_module)
+
+    def analysis_for_epoch(self, trainer: Trainer, pl_module: LightningModule) -> AnalysisReport | None:
+        """This epoch's report: analysed and recorded on the first call, reused afterwards.
+
+        Returns ``None`` when no analysis is scheduled this epoch. Other callbacks (the pruning
+        callback) call this, so the order of callbacks in the Trainer does not matter.
+        """
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
+            return None
+        if self._analysed_epoch == trainer.current_epoch and self.last_report is not None:
+            return self.last_report
         report = self.run_analysis(trainer, pl_module)
+        self._analysed_epoch = trainer.current_epoch
         self._record(trainer, pl_module, report)
+        return report
 
     # ----------------------------------------------------------------- the work
     def run_analysis(self, trainer: Trainer, pl_module: LightningModule) -> AnalysisReport:

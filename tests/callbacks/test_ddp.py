@@ -37,3 +37,32 @@ def test_same_report_on_every_rank_logged_once(tmp_path):
     with open(tmp_path / "csv" / "version_0" / "metrics.csv") as fh:
         rows = [r for r in csv.DictReader(fh) if r.get("anomaly/count")]
     assert len(rows) == 2  # one row per analysis, not one per rank
+
+
+def test_prune_masks_identical_on_every_rank(tmp_path):
+    from lightning_anomaly import AnomalyCriteria, AnomalyFilterCallback
+    from tests.helpers import LENIENT, RecordingPruner
+
+    seed_everything(0)
+    monitor = AnomalyFilterCallback(probe_size=24, criteria=AnomalyCriteria(**LENIENT))
+    pruner = RecordingPruner(
+        str(tmp_path), monitor, trigger="epochs", epochs=[1], max_fraction_per_layer=0.3, max_total_fraction=0.3
+    )
+    trainer = Trainer(
+        strategy="ddp_spawn",
+        accelerator="cpu",
+        devices=2,
+        max_epochs=2,
+        logger=False,
+        callbacks=[monitor, pruner],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(Net(width=16))
+    ranks = [json.loads((tmp_path / f"prune{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["pruned"] and ranks[0]["pruned"] == ranks[1]["pruned"]
+    assert ranks[0]["zero_filters"] == ranks[1]["zero_filters"]
+    for name, channels in ranks[0]["pruned"].items():
+        assert set(channels) <= set(ranks[0]["zero_filters"][name])  # made permanent: zero weights

@@ -1,0 +1,147 @@
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_anomaly import AnomalyCriteria, AnomalyFilterCallback, AnomalyPruneCallback
+from tests.helpers import FAST, LENIENT, Net, channel_outputs, make_data
+
+
+def run(tmp_path, callbacks, max_epochs=3, ckpt_path=None, **kw):
+    seed_everything(0)
+    model = Net(width=16)
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        **{**FAST, **kw},
+    )
+    trainer.fit(model, ckpt_path=ckpt_path)
+    return trainer, model
+
+
+def make(**kw):
+    monitor = AnomalyFilterCallback(probe_size=32, criteria=AnomalyCriteria(**LENIENT))
+    opts = dict(trigger="epochs", epochs=[1], max_fraction_per_layer=0.3, max_total_fraction=0.3, make_permanent=False)
+    opts.update(kw)
+    return monitor, AnomalyPruneCallback(monitor, **opts)
+
+
+def test_prunes_flagged_filters_to_exact_zero_within_limits(tmp_path):
+    monitor, pruner = make()
+    _, model = run(tmp_path, [monitor, pruner])
+    assert len(pruner.events) == 1 and pruner.events[0]["epoch"] == 1
+    assert pruner.n_pruned > 0
+    for channels in pruner.pruned.values():
+        assert len(channels) <= int(0.3 * 16)  # per-layer limit
+    assert pruner.n_pruned <= int(0.3 * 32)  # model-wide limit
+    x = make_data(8).tensors[0]
+    for train in (True, False):
+        seen = channel_outputs(model, x, train)
+        if "conv1" in pruner.pruned:
+            assert seen["bn1"][:, pruner.pruned["conv1"]].abs().max().item() == 0.0
+        if "conv2" in pruner.pruned:
+            assert seen["conv2"][:, pruner.pruned["conv2"]].abs().max().item() == 0.0
+    assert all(not bool(keep.all()) or name not in pruner.pruned for name, keep in pruner.masks.items())
+
+
+def test_masks_are_the_flagged_filters_of_that_epoch(tmp_path):
+    monitor, pruner = make(max_fraction_per_layer=0.9, max_total_fraction=0.9)
+    run(tmp_path, [monitor, pruner], max_epochs=2)
+    report = monitor.last_report  # the epoch-1 analysis, made before the prune
+    for name, channels in pruner.pruned.items():
+        flagged = report.layers[name].anomaly_indices
+        assert set(channels) <= set(flagged)
+        assert len(channels) == min(len(flagged), int(0.9 * 16))
+
+
+@pytest.mark.parametrize("order", ["monitor_first", "pruner_first"])
+def test_order_of_callbacks_does_not_matter(tmp_path, order):
+    monitor, pruner = make()
+    callbacks = [monitor, pruner] if order == "monitor_first" else [pruner, monitor]
+    run(tmp_path, callbacks)
+    reference_monitor, reference = make()
+    run(tmp_path / "ref", [reference_monitor, reference])
+    assert pruner.pruned == reference.pruned
+    assert [h["anomaly_count"] for h in monitor.history] == [h["anomaly_count"] for h in reference_monitor.history]
+
+
+def test_resume_keeps_masks_and_zeros_and_checkpoints_load_strictly(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    monitor, pruner = make()
+    run(tmp_path, [monitor, pruner, ckpt], max_epochs=2)
+    assert pruner.n_pruned > 0
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert not any(k.endswith(("_orig", "_mask")) for k in state["state_dict"])
+    plain = Net(width=16)
+    plain.load_state_dict(state["state_dict"], strict=True)
+
+    monitor2, pruner2 = make()
+    _, model = run(tmp_path, [monitor2, pruner2], max_epochs=4, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert pruner2.pruned == pruner.pruned  # restored, and no new prune at epochs 2-3
+    x = make_data(8).tensors[0]
+    for train in (True, False):
+        seen = channel_outputs(model, x, train)
+        if "conv1" in pruner.pruned:
+            assert seen["bn1"][:, pruner.pruned["conv1"]].abs().max().item() == 0.0
+        if "conv2" in pruner.pruned:
+            assert seen["conv2"][:, pruner.pruned["conv2"]].abs().max().item() == 0.0
+
+
+def test_make_permanent_leaves_a_plain_model(tmp_path):
+    monitor, pruner = make(make_permanent=True)
+    _, model = run(tmp_path, [monitor, pruner])
+    assert pruner.n_pruned > 0
+    assert set(model.state_dict()) == set(Net(width=16).state_dict())
+    if "conv1" in pruner.pruned:
+        assert model.conv1.weight[pruner.pruned["conv1"]].abs().max().item() == 0.0
+
+
+def test_callable_trigger_and_own_monitor(tmp_path):
+    calls = []
+
+    def trigger(history, trainer):
+        calls.append(len(history))
+        return trainer.current_epoch == 2
+
+    pruner = AnomalyPruneCallback(
+        trigger=trigger, max_fraction_per_layer=0.3, max_total_fraction=0.3, start_epoch=0, make_permanent=False
+    )
+    pruner.monitor.criteria = AnomalyCriteria(**LENIENT)
+    pruner.monitor.probe_size = 32
+    run(tmp_path, [pruner])
+    assert calls == [1, 2, 3]
+    assert [e["epoch"] for e in pruner.events] == [2]
+
+
+def test_overfit_trigger_needs_logged_metrics(tmp_path):
+    monitor, pruner = make(trigger="overfit", min_gap=0.1, gap_metrics=("train_accuracy", "val_acc"))
+    with pytest.raises(ValueError, match=r"needs the metrics \['train_accuracy'\].*logged metrics are: .*'train_acc'"):
+        run(tmp_path, [monitor, pruner])
+
+
+def test_overfit_trigger_fires_on_a_gap(tmp_path):
+    monitor, pruner = make(trigger="overfit", min_gap=-1.0, max_prunes=1)
+    run(tmp_path, [monitor, pruner])
+    assert [e["epoch"] for e in pruner.events] == [1]  # start_epoch=1, at most one prune
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match=r"max_fraction_per_layer must be a fraction in \(0, 1\)"):
+        AnomalyPruneCallback(max_fraction_per_layer=1.5)
+    with pytest.raises(ValueError, match=r"max_total_fraction must be a fraction in \(0, 1\)"):
+        AnomalyPruneCallback(max_total_fraction=0)
+    with pytest.raises(ValueError, match=r"trigger='epochs' needs epochs=\[\.\.\.\]"):
+        AnomalyPruneCallback(trigger="epochs")
+    with pytest.raises(ValueError, match="trigger must be"):
+        AnomalyPruneCallback(trigger="sometimes")
+    with pytest.raises(TypeError, match="monitor must be an AnomalyFilterCallback"):
+        AnomalyPruneCallback(monitor=object())
+
+
+def test_monitor_must_be_in_the_trainer(tmp_path):
+    _, pruner = make()
+    with pytest.raises(ValueError, match="not among the Trainer's callbacks"):
+        run(tmp_path, [pruner])
