@@ -17,8 +17,8 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/ruff check lightning_anomaly tests benchmarks examples
-	$(BIN)/ruff format --check lightning_anomaly tests benchmarks examples
+	$(BIN)/ruff check lightning_anomaly tests benchmarks examples experiments
+	$(BIN)/ruff format --check lightning_anomaly tests benchmarks examples experiments
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/lightning-anomaly demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check lightning_anomaly tests benchmarks examples
+	$(BIN)/ruff check lightning_anomaly tests benchmarks examples experiments
 	$(BIN)/mypy
 
 bench: $(STAMP)

@@ -1,4 +1,4 @@
-"""Command line: ``lightning-anomaly demo | bench``."""
+"""Command line: ``lightning-anomaly demo | report RUN_DIR | bench``."""
 
 from __future__ import annotations
 
@@ -10,42 +10,37 @@ from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import torch
+    from lightning_anomaly.demo.run import run_demo
 
-    from lightning_anomaly import AnomalyCriteria, analyze
-    from lightning_anomaly.demo import SmallCNN, digits_tensors
-    from lightning_anomaly.demo.train import accuracy, train_plain
-
-    torch.manual_seed(args.seed)
-    xtr, ytr, xva, yva, flipped = digits_tensors(label_noise=args.label_noise, seed=args.seed)
-    print(f"digits: {len(ytr)} train ({int(flipped.sum())} labels flipped), {len(yva)} val; 16x16 images")
-    model = SmallCNN()
-    idx = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(args.seed))[: args.probe_size]
-    crit = AnomalyCriteria()
+    start = time.perf_counter()
     print(
-        f"{'epoch':>5} {'train acc':>9} {'val acc':>8} {'gap':>6} {'anomalies':>9} {'outliers':>8} {'grad ratio':>10} {'s':>5}"
+        f"lightning-anomaly demo: a SmallCNN learns scikit-learn's digits with a backdoor planted in "
+        f"{100 * args.backdoor:.0f}% of the training images; AnomalyFilterCallback watches every epoch."
     )
-    report = None
-    for epoch in range(1, args.epochs + 1):
-        train_plain(model, xtr, ytr, epochs=1, seed=args.seed + epoch)
-        t0 = time.perf_counter()
-        report = analyze(model, xtr[idx], ytr[idx], criteria=crit, seed=args.seed)
-        tr, va = accuracy(model, xtr, ytr), accuracy(model, xva, yva)
-        ratio = report.gradient_ratio
-        print(
-            f"{epoch:>5} {tr:>9.3f} {va:>8.3f} {tr - va:>6.3f} {report.anomaly_count:>9} "
-            f"{len(report.outlier_indices):>8} {'-' if ratio is None else f'{ratio:.2f}':>10} {time.perf_counter() - t0:>5.2f}"
-        )
-    if report is not None:
-        print()
-        print(report.format())
-        planted = flipped[idx]
-        out = torch.zeros(len(idx), dtype=torch.bool)
-        out[report.outlier_indices] = True
-        print(
-            f"outlier probe samples with a flipped label: {int((out & planted).sum())}/{int(out.sum())} "
-            f"(flipped share of the probe: {float(planted.double().mean()):.2f})"
-        )
+    run_dir = run_demo(
+        epochs=args.epochs,
+        prune=args.prune,
+        out=args.out,
+        seed=args.seed,
+        device=args.device,
+        backdoor=args.backdoor,
+        progress=not args.no_progress,
+    )
+    print(f"\ndone in {time.perf_counter() - start:.0f} s. Look further:")
+    print(f"  tensorboard --logdir {run_dir}")
+    print(f"  lightning-anomaly report {run_dir}   # writes {run_dir / 'report.html'}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from lightning_anomaly.viz.report import build_report
+
+    try:
+        target = build_report(args.run_dir, args.out, args.format)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        print(f"lightning-anomaly report: {err}", file=sys.stderr)
+        return 2
+    print(f"report written to {target}")
     return 0
 
 
@@ -61,12 +56,20 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lightning-anomaly`` command."""
     parser = argparse.ArgumentParser(prog="lightning-anomaly", description="Explain overfitting in CNNs.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a small CNN on noisy digits and analyse it every epoch")
-    demo.add_argument("--epochs", type=int, default=12)
+    demo = sub.add_parser("demo", help="train a small CNN on backdoored digits, watched by AnomalyFilterCallback")
+    demo.add_argument("--epochs", type=int, default=15)
+    demo.add_argument("--prune", action="store_true", help="add AnomalyPruneCallback (trigger 'overfit')")
+    demo.add_argument("--out", default="runs/demo", help="parent directory of the run (default runs/demo)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--label-noise", type=float, default=0.2)
-    demo.add_argument("--probe-size", type=int, default=256)
+    demo.add_argument("--device", default="cpu", help="cpu, gpu or auto")
+    demo.add_argument("--backdoor", type=float, default=0.08, help="share of training images with the trigger")
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(func=_demo)
+    report = sub.add_parser("report", help="HTML report (or PNG plots) from a run's anomaly_history.json")
+    report.add_argument("run_dir")
+    report.add_argument("--out", default=None)
+    report.add_argument("--format", choices=("html", "png"), default="html")
+    report.set_defaults(func=_report)
     bench = sub.add_parser("bench", help="run benchmarks/bench_engine.py (batched engine vs scikit-learn)")
     bench.add_argument("extra", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     bench.set_defaults(func=_bench)

@@ -43,6 +43,9 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 #: What each scalar setting of :class:`AnomalyCriteria` accepts.
 CONSTRAINTS: dict[str, _Rule] = {
     "min_cluster_size": _Rule(int, low=1, hint="the paper uses a handful of samples, e.g. 5"),
+    "min_cluster_fraction": _Rule(
+        (int, float), low=0.0, high=0.5, hint="a share of the probe, e.g. 0.1; 0 uses min_cluster_size alone"
+    ),
     "ch_ratio": _Rule((int, float), low=0.0, low_open=True, hint="1.0 means 'above the layer's typical CH'"),
     "activation_ratio": _Rule(
         (int, float), low=0.0, low_open=True, hint="1.0 means 'above the layer's typical activation'"
@@ -106,6 +109,8 @@ class AnomalyCriteria:
 
     Args:
         min_cluster_size: Largest size (in probe samples) of a cluster that counts as tiny.
+        min_cluster_fraction: The same as a share of the probe; the larger of the two bounds applies
+            (``max(min_cluster_size, floor(min_cluster_fraction * N))``).
         ch_ratio: Paper's beta: CH must exceed this multiple of the layer's typical CH.
         activation_ratio: Paper's theta: activation must exceed this multiple of the typical one.
         k_range: Inclusive ``(low, high)`` range of mixture sizes tried per filter; the k whose
@@ -126,6 +131,7 @@ class AnomalyCriteria:
     """
 
     min_cluster_size: int = 5
+    min_cluster_fraction: float = 0.0
     ch_ratio: float = 1.0
     activation_ratio: float = 1.0
     k_range: tuple[int, int] = (2, 6)
@@ -153,6 +159,26 @@ class AnomalyCriteria:
                 "components to split off a tiny cluster, e.g. k_range=(2, 6)"
             )
         object.__setattr__(self, "k_range", (int(k[0]), int(k[1])))
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> AnomalyCriteria:
+        """The literal reading of arXiv 2412.10457 (its thresholds are not published).
+
+        Smallest cluster of at most 5 probe samples, CH and activation above the layer's *mean*
+        (beta = theta = 1), k in 2..6, PCA to 2 dimensions. Kept as a preset for comparison; see
+        ``docs/RESULTS.md`` for how it fares against ground truth.
+        """
+        settings: dict[str, Any] = {
+            "min_cluster_size": 5,
+            "min_cluster_fraction": 0.0,
+            "ch_ratio": 1.0,
+            "activation_ratio": 1.0,
+            "layer_statistic": "mean",
+            "k_range": (2, 6),
+            "n_components": 2,
+        }
+        settings.update(overrides)
+        return cls(**settings)
 
     @property
     def k_values(self) -> tuple[int, ...]:
@@ -191,7 +217,13 @@ class AnomalyCriteria:
             return float(v.median())
         return float(v.mean())
 
-    def flag(self, smallest_cluster: Tensor, ch: Tensor, activation: Tensor, degenerate: Tensor) -> dict[str, Tensor]:
+    def tiny_cluster_limit(self, n_samples: int) -> int:
+        """Largest cluster, in samples, that counts as tiny for a probe of ``n_samples``."""
+        return max(self.min_cluster_size, math.floor(self.min_cluster_fraction * n_samples))
+
+    def flag(
+        self, smallest_cluster: Tensor, ch: Tensor, activation: Tensor, degenerate: Tensor, n_samples: int = 0
+    ) -> dict[str, Tensor]:
         """Apply the three rules to one layer.
 
         Args:
@@ -199,6 +231,7 @@ class AnomalyCriteria:
             ch: ``(C,)`` float, each filter's CH at its chosen k (NaN where degenerate).
             activation: ``(C,)`` float, each filter's activation.
             degenerate: ``(C,)`` bool.
+            n_samples: Probe size, for ``min_cluster_fraction``.
 
         Returns:
             Bool tensors ``(C,)``: ``unbalanced``, ``high_ch``, ``high_activation`` and ``anomaly``
@@ -207,7 +240,7 @@ class AnomalyCriteria:
         valid = ~degenerate
         ch_typical = self.typical(ch, valid)
         act_typical = self.typical(activation, valid)
-        unbalanced = (smallest_cluster <= self.min_cluster_size) & valid
+        unbalanced = (smallest_cluster <= self.tiny_cluster_limit(n_samples)) & valid
         high_ch = valid & torch.nan_to_num(ch.double(), nan=-math.inf).gt(self.ch_ratio * ch_typical)
         high_act = valid & activation.double().gt(self.activation_ratio * act_typical)
         if math.isnan(ch_typical):

@@ -214,6 +214,12 @@ class AnalysisReport:
         """Probe indices of the outlier samples: members of an anomaly filter's smallest cluster."""
         return self.outlier_counts.nonzero().flatten().tolist()
 
+    def top_outliers(self, k: int = 32) -> list[int]:
+        """Probe indices of up to ``k`` outlier samples, most often singled out first."""
+        counts = self.outlier_counts
+        order = sorted(range(len(counts)), key=lambda i: (-int(counts[i]), i))
+        return [i for i in order[:k] if int(counts[i]) > 0]
+
     @property
     def outlier_grad_norm(self) -> float | None:
         """Mean gradient norm of the outlier samples, or ``None`` (no targets or no outlier)."""
@@ -248,7 +254,7 @@ class AnalysisReport:
             )
         layers: OrderedDict[str, LayerReport] = OrderedDict()
         for name, lr in self.layers.items():
-            flags = criteria.flag(lr.min_cluster_size, lr.ch, lr.activation, lr.degenerate)
+            flags = criteria.flag(lr.min_cluster_size, lr.ch, lr.activation, lr.degenerate, self.n_samples)
             layers[name] = replace(
                 lr,
                 unbalanced=flags["unbalanced"],
@@ -283,6 +289,7 @@ class AnalysisReport:
             "layer_mean_ch": {n: _plain_float(_nanmean(lr.ch[~lr.degenerate])) for n, lr in self.layers.items()},
             "outlier_count": len(self.outlier_indices),
             "outlier_indices": self.outlier_indices,
+            "top_outliers": self.top_outliers(),
             "outlier_grad_norm": self.outlier_grad_norm,
             "normal_grad_norm": self.normal_grad_norm,
             "gradient_ratio": self.gradient_ratio,

@@ -8,6 +8,7 @@ from lightning_anomaly.criteria import CONSTRAINTS
 
 BAD_VALUES = {
     "min_cluster_size": 0,
+    "min_cluster_fraction": 0.6,
     "ch_ratio": 0.0,
     "activation_ratio": -1.0,
     "n_components": 3,
@@ -77,3 +78,12 @@ def test_mean_statistic_and_empty_layer():
     assert math.isnan(crit.typical(torch.tensor([1.0]), torch.tensor([False])))
     flags = crit.flag(torch.tensor([1]), torch.tensor([math.nan]), torch.tensor([1.0]), torch.tensor([True]))
     assert not flags["anomaly"].any()
+
+
+def test_fraction_bound():
+    crit = AnomalyCriteria(min_cluster_size=5, min_cluster_fraction=0.1)
+    assert crit.tiny_cluster_limit(256) == 25 and crit.tiny_cluster_limit(20) == 5
+    flags = crit.flag(
+        torch.tensor([20, 30]), torch.tensor([10.0, 10.0]), torch.tensor([1.0, 1.0]), torch.tensor([False, False]), 256
+    )
+    assert flags["unbalanced"].tolist() == [True, False]

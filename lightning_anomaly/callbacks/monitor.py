@@ -32,6 +32,7 @@ from lightning_anomaly.report import AnalysisReport
 __all__ = ["AnomalyFilterCallback"]
 
 HISTORY_FILE = "anomaly_history.json"
+PROBE_FILE = "anomaly_probe.pt"
 
 
 def _eager() -> contextlib.AbstractContextManager[Any]:
@@ -82,6 +83,8 @@ class AnomalyFilterCallback(Callback):
         layout_metrics: Metrics shown beside the anomaly count in TensorBoard's custom-scalars
             layout; found among the logged accuracy and loss metrics when omitted.
         history_file: File name of the JSON history in the log directory; ``None`` disables it.
+        save_probe: Also save the probe (inputs, targets, dataset indices) as ``anomaly_probe.pt`` next
+            to the history, so the report can show the outlier samples (skipped above 64 MB).
         verbose: Print one line per analysis.
 
     Raises:
@@ -105,6 +108,7 @@ class AnomalyFilterCallback(Callback):
         output_transform: Callable[[Any], Tensor] | None = None,
         layout_metrics: list[str] | None = None,
         history_file: str | None = HISTORY_FILE,
+        save_probe: bool = False,
         verbose: bool = False,
     ) -> None:
         super().__init__()
@@ -137,6 +141,7 @@ class AnomalyFilterCallback(Callback):
         self.output_transform = output_transform
         self.layout_metrics = layout_metrics
         self.history_file = history_file
+        self.save_probe = save_probe
         self.verbose = verbose
 
         self.history: list[dict[str, Any]] = []
@@ -216,6 +221,8 @@ class AnomalyFilterCallback(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._probe is None:
             self._probe = self._load_probe(trainer)
+        if self.save_probe:
+            self._write_probe(trainer)
         if not trainer.loggers and not self._warned_no_logger:
             self._warned_no_logger = True
             rank_zero_warn(
@@ -395,6 +402,18 @@ class AnomalyFilterCallback(Callback):
             return None
         root = trainer.log_dir or trainer.default_root_dir
         return Path(root) / self.history_file
+
+    def _write_probe(self, trainer: Trainer) -> None:
+        path = self.history_path(trainer)  # every rank: log_dir is a collective
+        if path is None or self._probe is None or not trainer.is_global_zero:
+            return
+        x, y = self._probe
+        size = x.numel() * x.element_size() + (0 if y is None else y.numel() * y.element_size())
+        if size > 64 << 20:
+            rank_zero_warn(f"AnomalyFilterCallback: the probe is {size >> 20} MB; not saving it (limit 64 MB)")
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"inputs": x, "targets": y, "indices": self.probe_indices}, path.with_name(PROBE_FILE))
 
     def _write_history(self, trainer: Trainer) -> None:
         # Every rank must ask: Trainer.log_dir is a collective under DDP. Only rank 0 writes.

@@ -254,7 +254,7 @@ def _cluster_and_flag(
         smallest = torch.where(sizes > 0, sizes, torch.full_like(sizes, n + 1)).amin(1)
         smallest = torch.where(degenerate, torch.zeros_like(smallest), smallest)
         activation = cap.activation.cpu()
-        flags = criteria.flag(smallest, ch, activation, degenerate)
+        flags = criteria.flag(smallest, ch, activation, degenerate, n)
         reports[cap.name] = LayerReport(
             name=cap.name,
             n_filters=c,

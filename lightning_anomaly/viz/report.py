@@ -1,0 +1,217 @@
+"""A self-contained HTML report (or PNG plots) from a run's saved anomaly history."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from lightning_anomaly.callbacks.monitor import HISTORY_FILE, PROBE_FILE
+
+__all__ = ["build_report", "find_history"]
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError as err:  # pragma: no cover - exercised by a test that hides matplotlib
+        raise ImportError(
+            "the report needs matplotlib, an optional extra: pip install 'lightning-anomaly[viz]'"
+        ) from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def find_history(run_dir: str | Path) -> Path:
+    """The ``anomaly_history.json`` in ``run_dir`` (or the newest one below it).
+
+    Raises:
+        FileNotFoundError: ``run_dir`` does not exist or holds no history.
+    """
+    root = Path(run_dir)
+    if root.is_file() and root.name.endswith(".json"):
+        return root
+    if not root.exists():
+        raise FileNotFoundError(f"run directory {str(root)!r} does not exist")
+    found = sorted(root.rglob(HISTORY_FILE), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(
+            f"no {HISTORY_FILE} under {str(root)!r}; it is written by AnomalyFilterCallback into the Trainer's log "
+            "directory (history_file=...)"
+        )
+    return found[-1]
+
+
+def _figures(doc: dict[str, Any], probe: dict[str, Any] | None) -> dict[str, Any]:
+    plt = _pyplot()
+    history = doc["history"]
+    figs: dict[str, Any] = {}
+    epochs = [h["epoch"] + 1 for h in history]
+    prunes = [h["epoch"] + 1 for h in history if h.get("prune_event")]
+
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    ax.plot(epochs, [h["anomaly_count"] for h in history], "o-", color="C3", label="anomaly filters")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("anomaly filters", color="C3")
+    ax2 = ax.twinx()
+    for key, style in (("train_acc", "C0-"), ("val_acc", "C2-")):
+        vals = [h.get("metrics", {}).get(key) for h in history]
+        if any(v is not None for v in vals):
+            ax2.plot(epochs, [math.nan if v is None else v for v in vals], style, label=key)
+    ax2.set_ylabel("accuracy")
+    for e in prunes:
+        ax.axvline(e, color="k", ls=":", lw=1)
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="best", fontsize=8)
+    ax.set_title("anomaly filters vs accuracy" + (" (dotted: prune events)" if prunes else ""))
+    figs["curves"] = fig
+
+    layers = list(history[-1]["layer_anomaly_counts"]) if history else []
+    if layers:
+        grid = [[h["layer_anomaly_counts"].get(layer, 0) for h in history] for layer in layers]
+        fig, ax = plt.subplots(figsize=(7, 0.4 * len(layers) + 1.5))
+        im = ax.imshow(grid, aspect="auto", cmap="Reds", interpolation="nearest")
+        ax.set_yticks(range(len(layers)), layers, fontsize=7)
+        ax.set_xticks(range(len(epochs)), epochs, fontsize=7)
+        ax.set_xlabel("epoch")
+        fig.colorbar(im, ax=ax, label="anomaly filters")
+        ax.set_title("anomaly filters per layer")
+        figs["layers"] = fig
+
+    last = doc.get("last_report")
+    if last:
+        n = len(last["layers"])
+        fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.4), squeeze=False)
+        for ax, layer in zip(axes[0], last["layers"], strict=True):
+            ch = [c for c, d in zip(layer["ch"], layer["degenerate"], strict=True) if c is not None and not d and c > 0]
+            flagged = [c for c, a in zip(layer["ch"], layer["anomaly"], strict=True) if a and c is not None and c > 0]
+            if ch:
+                ax.hist([math.log10(c) for c in ch], bins=20, color="C7")
+            for c in flagged:
+                ax.axvline(math.log10(c), color="C3", lw=1)
+            ax.set_title(layer["name"], fontsize=8)
+            ax.set_xlabel("log10 CH", fontsize=7)
+        fig.suptitle("CH per filter at the last analysis (red: anomaly filters)", fontsize=9)
+        fig.tight_layout()
+        figs["ch"] = fig
+
+    out_g = [h.get("outlier_grad_norm") for h in history]
+    norm_g = [h.get("normal_grad_norm") for h in history]
+    if any(v is not None for v in out_g):
+        fig, ax = plt.subplots(figsize=(7, 3))
+        ax.plot(epochs, [math.nan if v is None else v for v in out_g], "o-", color="C3", label="outlier samples")
+        ax.plot(epochs, [math.nan if v is None else v for v in norm_g], "o-", color="C0", label="other probe samples")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("mean per-sample gradient norm")
+        ax.legend(fontsize=8)
+        ax.set_title("gradient norms: outlier vs normal (the paper's H2)")
+        figs["grads"] = fig
+
+    if probe is not None and history and history[-1]["outlier_indices"]:
+        counts: dict[int, int] = {}
+        for h in history[-3:]:
+            for i in h["outlier_indices"]:
+                counts[i] = counts.get(i, 0) + 1
+        top = sorted(counts, key=lambda i: (-counts[i], i))[:16]
+        x = probe["inputs"][top].float()
+        cols = min(8, len(top))
+        rows = math.ceil(len(top) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.5 * rows), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        targets = probe.get("targets")
+        indices = probe.get("indices")
+        for ax, i, img in zip(axes.flat, top, x, strict=False):
+            arr = img.permute(1, 2, 0) if img.shape[0] in (3, 4) else img[0]
+            arr = (arr - arr.min()) / (arr.max() - arr.min() + 1e-12)
+            ax.imshow(arr.numpy(), cmap="gray" if arr.ndim == 2 else None)
+            label = "" if targets is None else f" y={int(targets[i])}"
+            ds = "" if indices is None else f"#{indices[i]}"
+            ax.set_title(f"{ds}{label}", fontsize=7)
+        fig.suptitle("outlier probe samples (most often singled out lately)", fontsize=9)
+        fig.tight_layout()
+        figs["outliers"] = fig
+    return figs
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def build_report(run_dir: str | Path, out: str | Path | None = None, fmt: Literal["html", "png"] = "html") -> Path:
+    """Turn a run's ``anomaly_history.json`` into one self-contained HTML file, or PNG plots.
+
+    Args:
+        run_dir: The run's log directory (or the history file itself).
+        out: Output file (HTML) or directory (PNG); next to the history by default.
+        fmt: ``"html"`` (images embedded) or ``"png"``.
+
+    Returns:
+        The HTML file or the PNG directory.
+
+    Raises:
+        FileNotFoundError: No history found.
+        ValueError: The history holds no analysis yet.
+        ImportError: matplotlib is missing (the message names the extra to install).
+    """
+    path = find_history(run_dir)
+    doc = json.loads(path.read_text())
+    if not doc.get("history"):
+        raise ValueError(f"{path} holds no analysis yet; run at least one epoch with AnomalyFilterCallback")
+    probe_path = path.with_name(PROBE_FILE)
+    probe = torch.load(probe_path, weights_only=True) if probe_path.exists() else None
+    plt = _pyplot()
+    figs = _figures(doc, probe)
+    if fmt == "png":
+        target = Path(out) if out is not None else path.parent / "report_png"
+        target.mkdir(parents=True, exist_ok=True)
+        for name, fig in figs.items():
+            (target / f"{name}.png").write_bytes(_png(fig))
+            plt.close(fig)
+        return target
+    images = {name: base64.b64encode(_png(fig)).decode() for name, fig in figs.items()}
+    for fig in figs.values():
+        plt.close(fig)
+    last = doc["history"][-1]
+    crit = doc.get("criteria", {})
+    rows = "".join(
+        f"<tr><td>{h['epoch'] + 1}</td><td>{h['anomaly_count']}</td><td>{h['outlier_count']}</td>"
+        f"<td>{_f(h.get('gradient_ratio'))}</td><td>{_f(h.get('metrics', {}).get('train_acc'))}</td>"
+        f"<td>{_f(h.get('metrics', {}).get('val_acc'))}</td><td>{'pruned ' + str(h['prune_event']['n_pruned']) if h.get('prune_event') else ''}</td></tr>"
+        for h in doc["history"]
+    )
+    body = "".join(
+        f'<figure><img alt="{name}" src="data:image/png;base64,{b64}"></figure>' for name, b64 in images.items()
+    )
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>lightning-anomaly report</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}}
+img{{max-width:100%}}table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}
+code{{background:#f4f4f4;padding:1px 4px}}</style></head><body>
+<h1>Anomaly filters: {html.escape(str(path.parent))}</h1>
+<p>{len(doc["history"])} analyses; last: <b>{last["anomaly_count"]}</b> anomaly filters of {last["n_filters"]},
+{last["outlier_count"]} outlier probe samples, gradient ratio {_f(last.get("gradient_ratio"))}.
+Criteria: <code>{html.escape(json.dumps(crit))}</code></p>
+{body}
+<h2>History</h2><table><tr><th>epoch</th><th>anomaly filters</th><th>outliers</th><th>grad ratio</th><th>train acc</th><th>val acc</th><th>event</th></tr>{rows}</table>
+</body></html>
+"""
+    target = Path(out) if out is not None else path.parent / "report.html"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(page)
+    return target
+
+
+def _f(v: Any) -> str:
+    return "-" if v is None else f"{v:.3f}"

@@ -1,0 +1,58 @@
+import base64
+import re
+import sys
+
+import pytest
+
+from lightning_anomaly.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    assert main(["demo", "--epochs", "2", "--out", str(out), "--no-progress"]) == 0
+    (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
+    return run_dir
+
+
+def test_demo_writes_events_history_and_probe(demo_run, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert (demo_run / "anomaly_history.json").exists() and (demo_run / "anomaly_probe.pt").exists()
+    acc = EventAccumulator(str(demo_run))
+    acc.Reload()
+    assert len(acc.Scalars("anomaly/count")) == 2
+    assert {"train_acc", "val_acc"} <= set(acc.Tags()["scalars"])
+
+
+def test_demo_prints_the_table_and_next_steps(tmp_path, capsys):
+    assert main(["demo", "--epochs", "2", "--out", str(tmp_path), "--no-progress", "--prune"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"epoch\s+train acc\s+val acc\s+gap", text)
+    assert len(re.findall(r"^\s+[12]\s+\d\.\d{3}", text, flags=re.M)) == 2
+    assert "tensorboard --logdir" in text and "lightning-anomaly report" in text
+
+
+def test_report_html_embeds_every_image(demo_run, tmp_path):
+    out = tmp_path / "r.html"
+    assert main(["report", str(demo_run), "--out", str(out)]) == 0
+    page = out.read_text()
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) >= 4
+    assert all(base64.b64decode(b)[:8] == b"\x89PNG\r\n\x1a\n" for b in images)
+    assert "<table>" in page and 'src="http' not in page  # self-contained
+
+
+def test_report_png(demo_run, tmp_path):
+    assert main(["report", str(demo_run), "--format", "png", "--out", str(tmp_path / "png")]) == 0
+    assert {"curves.png", "layers.png"} <= {p.name for p in (tmp_path / "png").iterdir()}
+
+
+def test_report_errors_are_clear(tmp_path, capsys, demo_run, monkeypatch):
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no anomaly_history.json" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["report", str(demo_run), "--out", str(tmp_path / "x.html")]) == 2
+    assert "pip install 'lightning-anomaly[viz]'" in capsys.readouterr().err
