@@ -287,6 +287,11 @@ class AnomalyFilterCallback(Callback):
             with trainer.precision_plugin.forward_context(), _eager():
                 return user_forward(model, inputs) if user_forward is not None else model(inputs)
 
+        progress = None
+        if trainer.progress_bar_callback is not None and trainer.is_global_zero and len(self._layer_names) > 1:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=len(self._layer_names), desc="anomaly analysis", unit="layer", leave=False)
         try:
             return analyze(
                 pl_module,
@@ -300,12 +305,16 @@ class AnomalyFilterCallback(Callback):
                 loss_fn=loss_fn,
                 forward=forward,
                 output_transform=self.output_transform,
+                on_layer=None if progress is None else (lambda _site: progress.update(1)),
             )
         except NotImplementedError as err:
             raise NotImplementedError(
                 f"{type(pl_module).__name__} has no forward(); define it or pass "
                 "forward_fn=lambda module, x: ... to AnomalyFilterCallback"
             ) from err
+        finally:
+            if progress is not None:
+                progress.close()
 
     def _load_probe(self, trainer: Trainer) -> tuple[Tensor, Tensor | None]:
         dataset = self._train_dataset(trainer)

@@ -31,6 +31,8 @@ class ImageClassifier(LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
         self.net = net
+        # Plain attributes too: a subclass's save_hyperparameters records only its own arguments.
+        self.lr, self.optimizer, self.weight_decay = lr, optimizer, weight_decay
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of ``net``."""
@@ -54,7 +56,6 @@ class ImageClassifier(LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam or SGD with the configured learning rate and weight decay."""
-        hp: Any = self.hparams
-        if hp.optimizer == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay)
-        return torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
+        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

@@ -12,7 +12,6 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_anomaly.callbacks import AnomalyFilterCallback, AnomalyPruneCallback
-from lightning_anomaly.criteria import AnomalyCriteria
 from lightning_anomaly.demo.data import digits_tensors, stamp_trigger
 from lightning_anomaly.demo.model import SmallCNN
 from lightning_anomaly.demo.module import ImageClassifier
@@ -125,9 +124,7 @@ def run_demo(
     val = DataLoader(TensorDataset(xva, yva), batch_size=512)
     version = time.strftime("%Y%m%d-%H%M%S")
     logger = TensorBoardLogger(str(out), name="", version=version, default_hp_metric=False)
-    monitor = AnomalyFilterCallback(
-        probe_size=probe_size, seed=seed, criteria=AnomalyCriteria(min_cluster_fraction=0.1), save_probe=True
-    )
+    monitor = AnomalyFilterCallback(probe_size=probe_size, seed=seed, save_probe=True)
     table = _EpochTable(monitor, stamp_trigger(xva[yva != 0]), planted)
     callbacks: list[Callback] = [monitor, table]
     if prune:
