@@ -18,7 +18,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from lightning_anomaly.criteria import AnomalyCriteria
 
-__all__ = ["AnalysisReport", "LayerReport", "count_outliers"]
+__all__ = ["AnalysisReport", "LayerReport", "count_outliers", "merge_reports"]
 
 # Settings that change the clustering itself; the others only change the flags.
 _CLUSTERING_SETTINGS = ("k_range", "n_components", "max_iter", "tol", "reg_covar", "kmeans_iter", "n_init")
@@ -347,6 +347,39 @@ class AnalysisReport:
             )
         rows.append(repr(self))
         return "\n".join(rows)
+
+
+def merge_reports(
+    parts: Iterable[AnalysisReport], module_order: list[str], grad_norms: Tensor | None = None
+) -> AnalysisReport:
+    """One report from reports on disjoint sets of layers of the same model, probe and settings.
+
+    Layers are ordered by ``module_order`` (module names), a module's repeated calls after it;
+    outlier counts are recomputed over all layers.
+
+    Raises:
+        ValueError: No part, or parts with different probe sizes or criteria.
+    """
+    parts = list(parts)
+    if not parts:
+        raise ValueError("merge_reports needs at least one report")
+    first = parts[0]
+    if any(p.n_samples != first.n_samples or p.criteria != first.criteria for p in parts):
+        raise ValueError("merge_reports needs reports of the same probe size and criteria")
+    rank = {name: i for i, name in enumerate(module_order)}
+
+    def key(site: str) -> tuple[int, int]:
+        base, _, call = site.partition("#")
+        return rank.get(base, len(rank)), int(call or 0)
+
+    layers = OrderedDict(sorted(((n, lr) for p in parts for n, lr in p.layers.items()), key=lambda t: key(t[0])))
+    return replace(
+        first,
+        layers=layers,
+        outlier_counts=count_outliers(layers.values(), first.n_samples),
+        grad_norms=grad_norms,
+        seconds=max(p.seconds for p in parts),
+    )
 
 
 def count_outliers(layers: Iterable[LayerReport], n_samples: int) -> Tensor:

@@ -109,6 +109,7 @@ class RecordingMonitor(AnomalyFilterCallback):
             "probe_indices": self.probe_indices,
             "history": [{k: v for k, v in h.items() if k not in ("metrics", "seconds")} for h in self.history],
             "report": _report_digest(self.last_report),
+            "grad_norms": None if self.last_report.grad_norms is None else self.last_report.grad_norms.tolist(),
         }
         Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(doc))
 

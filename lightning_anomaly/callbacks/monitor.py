@@ -6,10 +6,12 @@ import contextlib
 import json
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -20,6 +22,7 @@ from typing_extensions import override
 from lightning_anomaly.criteria import AnomalyCriteria
 from lightning_anomaly.engine.analyze import analyze
 from lightning_anomaly.engine.capture import select_layers
+from lightning_anomaly.engine.gradients import per_sample_grad_norms
 from lightning_anomaly.logging import (
     custom_scalars_layout,
     guess_layout_metrics,
@@ -27,12 +30,33 @@ from lightning_anomaly.logging import (
     tensorboard_histograms,
 )
 from lightning_anomaly.probe import dataset_labels, read_probe, stratified_indices
-from lightning_anomaly.report import AnalysisReport
+from lightning_anomaly.report import AnalysisReport, merge_reports
 
 __all__ = ["AnomalyFilterCallback"]
 
 HISTORY_FILE = "anomaly_history.json"
 PROBE_FILE = "anomaly_probe.pt"
+
+
+def _to_model(model: LightningModule, x: Tensor) -> Tensor:
+    """Inputs on the model's device, floating inputs in its parameter dtype (as ``analyze`` does)."""
+    x = x.to(model.device)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    return x.to(dtype) if x.is_floating_point() and dtype is not None else x
+
+
+def split_layers(model: torch.nn.Module, names: list[str], parts: int) -> list[list[str]]:
+    """Split layer names into ``parts`` lists of about equal filter counts (each in model order)."""
+    modules = dict(model.named_modules())
+    weight = {n: int(getattr(modules[n], "out_channels", 1)) for n in names}
+    loads = [0] * parts
+    shares: list[list[str]] = [[] for _ in range(parts)]
+    for name in sorted(names, key=lambda n: -weight[n]):
+        i = loads.index(min(loads))
+        shares[i].append(name)
+        loads[i] += weight[name]
+    order = {n: i for i, n in enumerate(names)}
+    return [sorted(share, key=order.__getitem__) for share in shares]
 
 
 def _eager() -> contextlib.AbstractContextManager[Any]:
@@ -83,6 +107,8 @@ class AnomalyFilterCallback(Callback):
         layout_metrics: Metrics shown beside the anomaly count in TensorBoard's custom-scalars
             layout; found among the logged accuracy and loss metrics when omitted.
         history_file: File name of the JSON history in the log directory; ``None`` disables it.
+        distribute: Under DDP, split the layers (and the gradient-norm samples) across ranks and
+            gather the parts; otherwise rank 0 analyses alone and broadcasts.
         save_probe: Also save the probe (inputs, targets, dataset indices) as ``anomaly_probe.pt`` next
             to the history, so the report can show the outlier samples (skipped above 64 MB).
         verbose: Print one line per analysis.
@@ -109,6 +135,7 @@ class AnomalyFilterCallback(Callback):
         layout_metrics: list[str] | None = None,
         history_file: str | None = HISTORY_FILE,
         save_probe: bool = False,
+        distribute: bool = True,
         verbose: bool = False,
     ) -> None:
         super().__init__()
@@ -142,6 +169,7 @@ class AnomalyFilterCallback(Callback):
         self.layout_metrics = layout_metrics
         self.history_file = history_file
         self.save_probe = save_probe
+        self.distribute = distribute
         self.verbose = verbose
 
         self.history: list[dict[str, Any]] = []
@@ -259,14 +287,23 @@ class AnomalyFilterCallback(Callback):
 
     # ----------------------------------------------------------------- the work
     def run_analysis(self, trainer: Trainer, pl_module: LightningModule) -> AnalysisReport:
-        """Analyse the probe now; rank 0 computes and every rank receives the same report."""
+        """Analyse the probe now; every rank returns the same report.
+
+        With several ranks and ``distribute=True``, layers (balanced by filter count) and the
+        gradient-norm samples are split across ranks and the parts gathered; otherwise rank 0
+        computes and broadcasts.
+        """
         if self._probe is None:
             self._probe = self._load_probe(trainer)
+        if self.distribute and trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            return self._run_split(trainer, pl_module)
         payload: Any = None
         if trainer.is_global_zero:
             try:
                 with isolate_rng():
-                    payload = self._analyze(trainer, pl_module).to_dict()
+                    report, grads = self._analyze(trainer, pl_module, self._layer_names, slice(None))
+                    assert report is not None
+                    payload = replace(report, grad_norms=grads).to_dict()
             except Exception as err:  # re-raised on every rank after the broadcast
                 payload = err
         payload = trainer.strategy.broadcast(payload, src=0)
@@ -274,7 +311,47 @@ class AnomalyFilterCallback(Callback):
             raise payload
         return AnalysisReport.from_dict(payload)
 
-    def _analyze(self, trainer: Trainer, pl_module: LightningModule) -> AnalysisReport:
+    def _run_split(self, trainer: Trainer, pl_module: LightningModule) -> AnalysisReport:
+        assert self._probe is not None
+        world, rank = trainer.world_size, trainer.global_rank
+        shares = split_layers(pl_module, self._layer_names, world)
+        n = int(self._probe[0].shape[0])
+        rows = slice(rank * n // world, (rank + 1) * n // world)
+        # Ranks can hold different buffers (BatchNorm statistics of their own last batch): analyse every
+        # part with rank 0's, as a single process would, and give each rank its own back afterwards.
+        buffers = dict(pl_module.named_buffers())
+        ref: Any = trainer.strategy.broadcast(
+            {key: b.detach().cpu() for key, b in buffers.items()} if rank == 0 else None, src=0
+        )
+        own = {key: b.detach().clone() for key, b in buffers.items()}
+        payload: tuple[Any, Any, Any]
+        try:
+            with torch.no_grad():
+                for key, b in buffers.items():
+                    b.copy_(ref[key])
+            with isolate_rng():
+                part, grads = self._analyze(trainer, pl_module, shares[rank], rows)
+            payload = (None if part is None else part.to_dict(), grads, None)
+        except Exception as err:  # re-raised on every rank after the gather
+            payload = (None, None, err)
+        finally:
+            with torch.no_grad():
+                for key, b in buffers.items():
+                    b.copy_(own[key])
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, payload)
+        for _, _, failure in gathered:
+            if failure is not None:
+                raise failure
+        parts = [AnalysisReport.from_dict(p) for p, _, _ in gathered if p is not None]
+        chunks = [g for _, g, _ in gathered]
+        grads = None if any(g is None for g in chunks) else torch.cat(chunks)
+        return merge_reports(parts, self._layer_names, grads)
+
+    def _analyze(
+        self, trainer: Trainer, pl_module: LightningModule, layers: list[str], grad_rows: slice
+    ) -> tuple[AnalysisReport | None, Tensor | None]:
+        """Cluster ``layers`` (``None`` report when empty) and compute gradient norms of ``grad_rows``."""
         assert self._probe is not None
         x, y = self._probe
         loss_fn = self.loss_fn
@@ -288,25 +365,24 @@ class AnomalyFilterCallback(Callback):
                 return user_forward(model, inputs) if user_forward is not None else model(inputs)
 
         progress = None
-        if trainer.progress_bar_callback is not None and trainer.is_global_zero and len(self._layer_names) > 1:
+        if trainer.progress_bar_callback is not None and trainer.is_global_zero and len(layers) > 1:
             from tqdm.auto import tqdm
 
-            progress = tqdm(total=len(self._layer_names), desc="anomaly analysis", unit="layer", leave=False)
+            progress = tqdm(total=len(layers), desc="anomaly analysis", unit="layer", leave=False)
+        report = None
         try:
-            return analyze(
-                pl_module,
-                x,
-                targets,
-                criteria=self.criteria,
-                layers=self._layer_names,
-                backend=self.backend,
-                device=pl_module.device,
-                seed=self.seed,
-                loss_fn=loss_fn,
-                forward=forward,
-                output_transform=self.output_transform,
-                on_layer=None if progress is None else (lambda _site: progress.update(1)),
-            )
+            if layers:
+                report = analyze(
+                    pl_module,
+                    x,
+                    criteria=self.criteria,
+                    layers=layers,
+                    backend=self.backend,
+                    device=pl_module.device,
+                    seed=self.seed,
+                    forward=forward,
+                    on_layer=None if progress is None else (lambda _site: progress.update(1)),
+                )
         except NotImplementedError as err:
             raise NotImplementedError(
                 f"{type(pl_module).__name__} has no forward(); define it or pass "
@@ -315,6 +391,14 @@ class AnomalyFilterCallback(Callback):
         finally:
             if progress is not None:
                 progress.close()
+        grads = None
+        if targets is not None:
+            xs, ys = _to_model(pl_module, x[grad_rows]), targets[grad_rows].to(pl_module.device)
+            if xs.shape[0]:
+                grads = per_sample_grad_norms(pl_module, xs, ys, loss_fn, output_transform=self.output_transform)
+            else:
+                grads = torch.zeros(0, dtype=torch.float64)
+        return report, grads
 
     def _load_probe(self, trainer: Trainer) -> tuple[Tensor, Tensor | None]:
         dataset = self._train_dataset(trainer)

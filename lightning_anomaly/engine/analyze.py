@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 
 from lightning_anomaly.criteria import AnomalyCriteria
 from lightning_anomaly.engine.capture import LayerCapture, LayerSpec, capture_layers, select_layers
-from lightning_anomaly.engine.gmm import fit_gmm
+from lightning_anomaly.engine.gmm import fit_gmm, uniform_width
 from lightning_anomaly.engine.gradients import LossFn, per_sample_grad_norms
 from lightning_anomaly.engine.pca import batched_pca
 from lightning_anomaly.engine.reference import sklearn_cluster, sklearn_pca
@@ -38,8 +39,31 @@ def _float_dtype(model: nn.Module) -> torch.dtype | None:
     return None
 
 
+def _group_uniforms(groups: Sequence[tuple[str, int]], k: int, n_init: int, seed: int) -> Tensor:
+    """Initialisation draws for every problem, from one generator per (group, k).
+
+    Seeding per layer makes a filter's clustering independent of which other layers share its batch:
+    a report is the same whether all layers are clustered together or split across DDP ranks.
+    """
+    width = uniform_width(k)
+    parts = []
+    for name, count in groups:
+        key = (seed * 1_000_003 + zlib.crc32(name.encode()) * 131 + k) % (2**62)
+        parts.append(
+            torch.rand(n_init, count, width, generator=torch.Generator().manual_seed(key), dtype=torch.float64)
+        )
+    if not parts:
+        return torch.zeros(0, width, dtype=torch.float64)
+    return torch.cat(parts, dim=1).reshape(-1, width)  # init-major rows, as fit_gmm expects
+
+
 def cluster_points(
-    points: Tensor, criteria: AnomalyCriteria, *, seed: int = 0, backend: Backend = "torch"
+    points: Tensor,
+    criteria: AnomalyCriteria,
+    *,
+    seed: int = 0,
+    backend: Backend = "torch",
+    groups: Sequence[tuple[str, int]] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Cluster each filter's points for every k in ``criteria.k_range`` and keep the best k by CH.
 
@@ -57,6 +81,8 @@ def cluster_points(
         criteria: Settings (``k_range``, EM limits).
         seed: Seed of the initialisation.
         backend: ``"torch"`` (batched) or ``"sklearn"`` (reference, one filter at a time).
+        groups: ``(name, count)`` runs of consecutive problems (one per layer) that draw their
+            initialisation from their own generator; one group by default.
 
     Returns:
         ``k`` ``(B,)`` int64 (0 if no k gave two clusters), ``ch`` ``(B,)`` float64 (NaN then),
@@ -73,18 +99,20 @@ def cluster_points(
             n_init=criteria.n_init,
         )
     b = points.shape[0]
-    gen = torch.Generator().manual_seed(seed)
+    groups = list(groups) if groups is not None else [("", b)]
+    if sum(c for _, c in groups) != b:
+        raise ValueError(f"groups cover {sum(c for _, c in groups)} problems, points hold {b}")
     chs, labs, convs = [], [], []
     for k in criteria.k_values:
         fit = fit_gmm(
             points,
             k,
-            generator=gen,
             max_iter=criteria.max_iter,
             tol=criteria.tol,
             reg_covar=criteria.reg_covar,
             kmeans_iter=criteria.kmeans_iter,
             n_init=criteria.n_init,
+            uniforms=_group_uniforms(groups, k, criteria.n_init, seed),
         )
         chs.append(calinski_harabasz(points, fit.labels, k))
         labs.append(fit.labels)
@@ -229,8 +257,9 @@ def _cluster_and_flag(
     reports: OrderedDict[str, LayerReport] = OrderedDict()
     if backend == "torch":
         batch = torch.cat(padded) if padded else torch.zeros(0, n, 2)
+        groups = [(cap.name, int(p.shape[0])) for cap, p in zip(captures, padded, strict=True)]
         all_k, all_ch, all_labels, all_conv = (
-            cluster_points(batch, criteria, seed=seed) if batch.shape[0] else _empty(n)
+            cluster_points(batch, criteria, seed=seed, groups=groups) if batch.shape[0] else _empty(n)
         )
         splits = [int(p.shape[0]) for p in padded]
         per_layer = list(zip(*(t.split(splits) for t in (all_k, all_ch, all_labels, all_conv)), strict=True))

@@ -70,6 +70,7 @@ class LayerCapture:
     explained: Tensor
     activation: Tensor
     reason: Tensor
+    call_index: int = 0
 
     @property
     def n_filters(self) -> int:
@@ -215,7 +216,10 @@ def capture_layers(
     forward: Callable[[nn.Module, Any], Any] | None = None,
     on_layer: Callable[[str], None] | None = None,
 ) -> list[LayerCapture]:
-    """Run one probe forward and return the reduced output of every selected site, in call order.
+    """Run one probe forward and return the reduced output of every selected site.
+
+    Sites come in the order of ``layers`` (module definition order), repeated calls of a module
+    after its first one.
 
     The forward runs under ``torch.no_grad()`` with the model in eval mode; every submodule's
     train/eval mode is restored and every hook removed afterwards, also when the forward raises.
@@ -267,6 +271,9 @@ def capture_layers(
     finally:
         for h in handles:
             h.remove()
+    # Definition order (then call order): the same whichever subset of layers one call analyses.
+    rank = {name: i for i, (name, _) in enumerate(layers)}
+    out.sort(key=lambda cap: (rank[cap.module_name], cap.call_index))
     missing = [name for name, _ in layers if name not in calls]
     if missing:
         raise ValueError(

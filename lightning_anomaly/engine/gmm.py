@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["MixtureFit", "fit_gmm"]
+__all__ = ["MixtureFit", "fit_gmm", "uniform_width"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 _EPS = 10.0 * torch.finfo(torch.float64).eps
@@ -125,6 +125,11 @@ def _e_step(feats_t: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     resp.div_(total)
     loglik = (top + total.log()).squeeze(1)
     return resp, loglik.double().mean(dim=-1)
+
+
+def uniform_width(k: int) -> int:
+    """Uniform draws one problem's initialisation takes for ``k`` components."""
+    return 1 + (k - 1) * _n_trials(k)
 
 
 def _n_trials(k: int) -> int:
@@ -287,6 +292,7 @@ def fit_gmm(
     kmeans_iter: int = 10,
     n_init: int = 1,
     chunk_size: int | None = None,
+    uniforms: Tensor | None = None,
 ) -> MixtureFit:
     """Fit one full-covariance Gaussian mixture of ``k`` components to each of ``B`` point sets.
 
@@ -309,6 +315,8 @@ def fit_gmm(
         reg_covar: Added to each covariance diagonal.
         kmeans_iter: Lloyd iterations after k-means++ seeding.
         n_init: Initialisations per problem; the fit with the best lower bound is kept.
+        uniforms: Pre-drawn ``(n_init * B, uniform_width(k))`` initialisation draws in ``[0, 1)``
+            (init-major rows); drawn from ``generator`` when omitted.
         chunk_size: Problems fitted together; by default sized to the CPU cache, or the whole
             batch on an accelerator.
 
@@ -332,7 +340,12 @@ def fit_gmm(
     if n_init > 1:
         x = x.repeat(n_init, 1, 1)  # init-major: rows i, B + i, 2B + i are one problem
     total = x.shape[0]
-    uniforms = torch.rand(total, 1 + (k - 1) * _n_trials(k), generator=gen, dtype=torch.float64).to(x.device)
+    width = uniform_width(k)
+    if uniforms is None:
+        uniforms = torch.rand(total, width, generator=gen, dtype=torch.float64)
+    elif tuple(uniforms.shape) != (total, width):
+        raise ValueError(f"uniforms must have shape {(total, width)}, got {tuple(uniforms.shape)}")
+    uniforms = uniforms.to(x.device)
     if chunk_size is None:
         budget = _CPU_CHUNK_ELEMENTS if x.device.type == "cpu" else _ACCEL_CHUNK_ELEMENTS
         chunk_size = max(8, budget // (n * k))

@@ -66,3 +66,43 @@ def test_prune_masks_identical_on_every_rank(tmp_path):
     assert ranks[0]["zero_filters"] == ranks[1]["zero_filters"]
     for name, channels in ranks[0]["pruned"].items():
         assert set(channels) <= set(ranks[0]["zero_filters"][name])  # made permanent: zero weights
+
+
+def test_split_analysis_equals_single_process(tmp_path):
+    """Layers split across two ranks give the report one process gives."""
+    import torch
+
+    from lightning_anomaly import analyze
+    from lightning_anomaly.engine.gradients import per_sample_grad_norms
+
+    seed_everything(0)
+    monitor = RecordingMonitor(str(tmp_path), probe_size=24, distribute=True)
+    trainer = Trainer(
+        strategy="ddp_spawn",
+        accelerator="cpu",
+        devices=2,
+        max_epochs=1,
+        logger=False,
+        callbacks=[monitor],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=True,
+        default_root_dir=tmp_path,
+    )
+    model = Net()
+    trainer.fit(model)  # ddp_spawn brings rank 0's weights back into `model`
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["report"] == ranks[1]["report"]
+    x, y = monitor.probe if monitor.probe is not None else (None, None)
+    if x is None:  # the probe lives in the workers; rebuild it from the recorded indices
+        from tests.helpers import make_data
+
+        data = make_data()
+        x, y = data.tensors[0][ranks[0]["probe_indices"]], data.tensors[1][ranks[0]["probe_indices"]]
+    single = analyze(model, x, criteria=monitor.criteria, seed=monitor.seed)
+    for name, layer in single.layers.items():
+        assert ranks[0]["report"][name]["k"] == layer.k.tolist()
+        assert ranks[0]["report"][name]["anomaly"] == layer.anomaly.tolist()
+        assert ranks[0]["report"][name]["labels"] == layer.labels.tolist()
+    grads = per_sample_grad_norms(model, x, y)
+    assert torch.allclose(torch.tensor(ranks[0]["grad_norms"], dtype=torch.float64), grads, rtol=1e-4)
