@@ -124,11 +124,35 @@ def run_one(name: str, spec: dict[str, Any], seed: int, epochs: int, every: int)
             }
         rows.append(row)
     result = {"ground_truth": name, "seed": seed, "rows": rows, "planted_in_probe": int(truth.sum())}
+    result["clustering_variants"] = clustering_variants(model, px, py, truth, seed)
     if seed == 0:
         result["ablation"] = ablation(
             model, report.reflag(VARIANTS[DEFAULT]), xtr, ytr, xva, yva, "backdoor" in spec["data"]
         )
     return result
+
+
+# Settings that change the clustering itself: re-analysed at the last epoch only (E5, second table).
+CLUSTERING_VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "probe 128 (first half)": {"probe": 128},
+    "k in 2..4": {"criteria": AnomalyCriteria(k_range=(2, 4))},
+    "k in 2..8": {"criteria": AnomalyCriteria(k_range=(2, 8))},
+    "PCA to 1-D": {"criteria": AnomalyCriteria(n_components=1)},
+    "tap after ReLU": {"layers": [torch.nn.ReLU]},
+}
+
+
+def clustering_variants(model, px, py, truth, seed) -> dict[str, Any]:
+    out = {}
+    for vname, spec in CLUSTERING_VARIANTS.items():
+        n = spec.get("probe", len(py))
+        report = analyze(model, px[:n], criteria=spec.get("criteria"), layers=spec.get("layers"), seed=seed)
+        out[vname] = {
+            "count": report.anomaly_count,
+            "auroc": auroc(truth[:n], report.outlier_counts.numpy().astype(float)),
+        }
+    return out
 
 
 def ablation(model, report, xtr, ytr, xva, yva, backdoor: bool) -> dict[str, Any]:
@@ -300,12 +324,68 @@ def write_markdown(results, summary, out: Path, figures: list[str], command: str
     lines += [
         "## E5: sensitivity",
         "",
-        "The rows of the E1 and E4 tables are the sensitivity study over the flagging rules",
-        "(cluster-size bound in samples and as a share of the probe, beta, theta, median vs mean). Tap point,",
-        "`n_components`, `k_range` and probe size change the clustering itself and were not varied in this run.",
+        "The rows of the E1 and E4 tables are the sensitivity study over the flagging rules (cluster-size bound",
+        "in samples and as a share of the probe, beta, theta, median vs mean), evaluated on the same clusterings.",
+        "Settings that change the clustering itself were re-analysed on the last epoch's model only (so no E1",
+        "correlation for them): mean AUROC of the outlier score for the planted samples, and mean anomaly count.",
         "",
+        "| clustering | " + " | ".join(GROUND_TRUTHS) + " |",
+        "|---|" + "---|" * len(GROUND_TRUTHS),
     ]
+    for vname in CLUSTERING_VARIANTS:
+        cells = []
+        for gt in GROUND_TRUTHS:
+            vals = [r["clustering_variants"][vname] for r in results if r["ground_truth"] == gt]
+            aucs = [v["auroc"] for v in vals if v["auroc"] is not None]
+            cells.append(f"{fmt(float(np.mean(aucs)) if aucs else None)} ({np.mean([v['count'] for v in vals]):.1f})")
+        lines.append(f"| {vname} | " + " | ".join(cells) + " |")
+    lines += ["", *targets(summary, results), ""]
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
+
+
+def targets(summary: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
+    """The issue's targets for the package defaults, checked against this run's numbers."""
+    d = {gt: summary[gt]["variants"][DEFAULT] for gt in GROUND_TRUTHS}
+    e1 = [d[gt]["spearman_count_gap"] for gt in ("G1 label noise", "G2 backdoor")]
+    e1_ok = all(v is not None and v >= 0.5 for v in e1)
+    e1_any = [
+        vname
+        for vname in VARIANTS
+        if all(
+            (v := summary[gt]["variants"][vname]["spearman_count_gap"]) is not None and v >= 0.5
+            for gt in ("G1 label noise", "G2 backdoor")
+        )
+    ]
+    ctl = d["C control"]["count_range"]
+    e4 = {gt: d[gt]["final_auroc"] for gt in ("G2 backdoor", "G3 rare inputs")}
+    e4_ok = all(v is not None and v >= 0.8 for v in e4.values())
+    beats = [
+        gt
+        for gt in GROUND_TRUTHS
+        if d[gt]["final_auroc"] is not None
+        and all(b is None or d[gt]["final_auroc"] > b for b in summary[gt]["baselines"].values())
+    ]
+    best = max(
+        (
+            (v, gt, vname)
+            for vname in VARIANTS
+            for gt in ("G2 backdoor",)
+            if (v := summary[gt]["variants"][vname]["final_auroc"]) is not None
+        ),
+        default=None,
+    )
+    return [
+        f"## Targets for the defaults ({DEFAULT})",
+        "",
+        f"- E1, Spearman >= 0.5 in G1 and G2 with a flat control: **{'met' if e1_ok else 'not met'}** "
+        f"(G1 {fmt(e1[0])}, G2 {fmt(e1[1])}; control count ranges over {ctl[0]}-{ctl[1]}). Rules in the E1 table "
+        f"reaching 0.5 on both: {', '.join(e1_any) if e1_any else 'none'}.",
+        f"- E4, AUROC >= 0.8 on G2 and G3: **{'met' if e4_ok else 'not met'}** (G2 {fmt(e4['G2 backdoor'])}, "
+        f"G3 {fmt(e4['G3 rare inputs'])}); above the best baseline on: {', '.join(beats) if beats else 'none'}."
+        + (f" The best rule tried on G2 is '{best[2]}' at {best[0]:.2f}." if best else ""),
+        "- Tried: cluster-size bounds from 5 samples to 20% of the probe, beta and theta from 0.5 to 2, median and mean",
+        "  layer statistics, k up to 8, PCA to 1-D, a half-size probe and tapping after the ReLU (E5).",
+    ]
 
 
 def main() -> None:

@@ -11,22 +11,27 @@ from tests.helpers import Net, RecordingMonitor
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 
 
+def ddp_trainer(tmp_path, callbacks, max_epochs=2, logger=False, checkpointing=False):
+    """Two CPU processes (gloo) with ddp_spawn: results are asserted inside the workers via files."""
+    return Trainer(
+        strategy="ddp_spawn",
+        accelerator="cpu",
+        devices=2,
+        max_epochs=max_epochs,
+        logger=logger,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=checkpointing,
+        default_root_dir=tmp_path,
+    )
+
+
 def test_same_report_on_every_rank_logged_once(tmp_path):
     seed_everything(0)
     monitor = RecordingMonitor(str(tmp_path), probe_size=24)
     logger = CSVLogger(tmp_path, name="csv")
-    trainer = Trainer(
-        strategy="ddp_spawn",
-        accelerator="cpu",
-        devices=2,
-        max_epochs=2,
-        logger=logger,
-        callbacks=[monitor],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = ddp_trainer(tmp_path, [monitor], logger=logger)
     trainer.fit(Net())
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world_size"] == 2
@@ -48,18 +53,7 @@ def test_prune_masks_identical_on_every_rank(tmp_path):
     pruner = RecordingPruner(
         str(tmp_path), monitor, trigger="epochs", epochs=[1], max_fraction_per_layer=0.3, max_total_fraction=0.3
     )
-    trainer = Trainer(
-        strategy="ddp_spawn",
-        accelerator="cpu",
-        devices=2,
-        max_epochs=2,
-        logger=False,
-        callbacks=[monitor, pruner],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = ddp_trainer(tmp_path, [monitor, pruner])
     trainer.fit(Net(width=16))
     ranks = [json.loads((tmp_path / f"prune{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["pruned"] and ranks[0]["pruned"] == ranks[1]["pruned"]
@@ -77,18 +71,7 @@ def test_split_analysis_equals_single_process(tmp_path):
 
     seed_everything(0)
     monitor = RecordingMonitor(str(tmp_path), probe_size=24, distribute=True)
-    trainer = Trainer(
-        strategy="ddp_spawn",
-        accelerator="cpu",
-        devices=2,
-        max_epochs=1,
-        logger=False,
-        callbacks=[monitor],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=True,
-        default_root_dir=tmp_path,
-    )
+    trainer = ddp_trainer(tmp_path, [monitor], max_epochs=1, checkpointing=True)
     model = Net()
     trainer.fit(model)  # ddp_spawn brings rank 0's weights back into `model`
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

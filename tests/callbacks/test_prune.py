@@ -22,6 +22,17 @@ def run(tmp_path, callbacks, max_epochs=3, ckpt_path=None, **kw):
     return trainer, model
 
 
+def assert_masked_outputs_zero(model, pruned):
+    """The masked channels of conv1 (seen after its BatchNorm) and conv2 output exactly 0.0, train and eval."""
+    x = make_data(8).tensors[0]
+    for train in (True, False):
+        seen = channel_outputs(model, x, train)
+        if "conv1" in pruned:
+            assert seen["bn1"][:, pruned["conv1"]].abs().max().item() == 0.0
+        if "conv2" in pruned:
+            assert seen["conv2"][:, pruned["conv2"]].abs().max().item() == 0.0
+
+
 def make(**kw):
     monitor = AnomalyFilterCallback(probe_size=32, criteria=AnomalyCriteria(**LENIENT))
     opts = dict(trigger="epochs", epochs=[1], max_fraction_per_layer=0.3, max_total_fraction=0.3, make_permanent=False)
@@ -37,13 +48,7 @@ def test_prunes_flagged_filters_to_exact_zero_within_limits(tmp_path):
     for channels in pruner.pruned.values():
         assert len(channels) <= int(0.3 * 16)  # per-layer limit
     assert pruner.n_pruned <= int(0.3 * 32)  # model-wide limit
-    x = make_data(8).tensors[0]
-    for train in (True, False):
-        seen = channel_outputs(model, x, train)
-        if "conv1" in pruner.pruned:
-            assert seen["bn1"][:, pruner.pruned["conv1"]].abs().max().item() == 0.0
-        if "conv2" in pruner.pruned:
-            assert seen["conv2"][:, pruner.pruned["conv2"]].abs().max().item() == 0.0
+    assert_masked_outputs_zero(model, pruner.pruned)
     assert all(not bool(keep.all()) or name not in pruner.pruned for name, keep in pruner.masks.items())
 
 
@@ -81,13 +86,7 @@ def test_resume_keeps_masks_and_zeros_and_checkpoints_load_strictly(tmp_path):
     monitor2, pruner2 = make()
     _, model = run(tmp_path, [monitor2, pruner2], max_epochs=4, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert pruner2.pruned == pruner.pruned  # restored, and no new prune at epochs 2-3
-    x = make_data(8).tensors[0]
-    for train in (True, False):
-        seen = channel_outputs(model, x, train)
-        if "conv1" in pruner.pruned:
-            assert seen["bn1"][:, pruner.pruned["conv1"]].abs().max().item() == 0.0
-        if "conv2" in pruner.pruned:
-            assert seen["conv2"][:, pruner.pruned["conv2"]].abs().max().item() == 0.0
+    assert_masked_outputs_zero(model, pruner.pruned)
 
 
 def test_make_permanent_leaves_a_plain_model(tmp_path):
