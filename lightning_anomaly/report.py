@@ -67,6 +67,9 @@ class LayerReport:
         labels: ``(C, N)`` int8, cluster of each probe sample at the chosen ``k`` (-1 where degenerate).
         ch_typical: The layer's typical CH (median or mean over non-degenerate filters).
         activation_typical: The layer's typical activation.
+        point_filters: ``(A,)`` int64, the anomaly filters (up to 8, highest CH first) whose points are kept.
+        points: ``(A, N, q)`` float32, their 2-D (or 1-D) PCA points, for plots.
+        point_labels: ``(A, N)`` int8, their cluster labels.
     """
 
     name: str
@@ -88,6 +91,9 @@ class LayerReport:
     labels: Tensor
     ch_typical: float = math.nan
     activation_typical: float = math.nan
+    point_filters: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    points: Tensor = field(default_factory=lambda: torch.zeros(0, 0, 2))
+    point_labels: Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.int8))
 
     @property
     def anomaly_count(self) -> int:
@@ -123,7 +129,7 @@ class LayerReport:
             "ch_typical": _plain_float(self.ch_typical),
             "activation_typical": _plain_float(self.activation_typical),
         }
-        for f in _TENSOR_FIELDS:
+        for f in (*_TENSOR_FIELDS, "point_filters", "points", "point_labels"):
             if f == "labels" and not labels:
                 continue
             t: Tensor = getattr(self, f)
@@ -158,6 +164,11 @@ class LayerReport:
                 fields[f] = v.to(dt)
             else:
                 fields[f] = torch.tensor([math.nan if e is None else e for e in v] if f == "ch" else v, dtype=dt)
+        extras: dict[str, Any] = {}
+        for f, dt in (("point_filters", torch.long), ("points", torch.float32), ("point_labels", torch.int8)):
+            if data.get(f) is not None:
+                v = data[f]
+                extras[f] = v.to(dt) if isinstance(v, Tensor) else torch.tensor(v, dtype=dt)
         return cls(
             name=str(data["name"]),
             n_filters=c,
@@ -166,6 +177,7 @@ class LayerReport:
             ch_typical=_from_plain(data.get("ch_typical")),
             activation_typical=_from_plain(data.get("activation_typical")),
             **fields,
+            **extras,
         )
 
 

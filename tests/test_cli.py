@@ -45,7 +45,7 @@ def test_report_html_embeds_every_image(demo_run, tmp_path):
 
 def test_report_png(demo_run, tmp_path):
     assert main(["report", str(demo_run), "--format", "png", "--out", str(tmp_path / "png")]) == 0
-    assert {"curves.png", "layers.png"} <= {p.name for p in (tmp_path / "png").iterdir()}
+    assert {"curves.png", "layers.png", "filters.png", "outliers.png"} <= {p.name for p in (tmp_path / "png").iterdir()}
 
 
 def test_report_errors_are_clear(tmp_path, capsys, demo_run, monkeypatch):

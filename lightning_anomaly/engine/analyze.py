@@ -24,6 +24,7 @@ from lightning_anomaly.report import AnalysisReport, LayerReport, count_outliers
 __all__ = ["analyze", "cluster_points"]
 
 Backend = Literal["torch", "sklearn"]
+_POINTS_PER_LAYER = 8
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -284,6 +285,9 @@ def _cluster_and_flag(
         smallest = torch.where(degenerate, torch.zeros_like(smallest), smallest)
         activation = cap.activation.cpu()
         flags = criteria.flag(smallest, ch, activation, degenerate, n)
+        # Keep the points of the strongest anomaly filters (highest CH) for plots.
+        flagged = flags["anomaly"].nonzero().flatten()
+        keep = flagged[ch[flagged].argsort(descending=True)[:_POINTS_PER_LAYER]]
         reports[cap.name] = LayerReport(
             name=cap.name,
             n_filters=c,
@@ -300,6 +304,9 @@ def _cluster_and_flag(
             labels=labels.to(torch.int8),
             ch_typical=criteria.typical(ch, ~degenerate),
             activation_typical=criteria.typical(activation, ~degenerate),
+            point_filters=keep,
+            points=cap.points[keep.to(cap.points.device)].float().cpu(),
+            point_labels=labels[keep].to(torch.int8),
             **flags,
         )
     return reports

@@ -104,6 +104,11 @@ def _figures(doc: dict[str, Any], probe: dict[str, Any] | None) -> dict[str, Any
         fig.tight_layout()
         figs["ch"] = fig
 
+    if last:
+        scatter = _scatter(plt, last)
+        if scatter is not None:
+            figs["filters"] = scatter
+
     out_g = [h.get("outlier_grad_norm") for h in history]
     norm_g = [h.get("normal_grad_norm") for h in history]
     if any(v is not None for v in out_g):
@@ -141,6 +146,43 @@ def _figures(doc: dict[str, Any], probe: dict[str, Any] | None) -> dict[str, Any
         fig.tight_layout()
         figs["outliers"] = fig
     return figs
+
+
+def _scatter(plt: Any, last: dict[str, Any], most: int = 8) -> Any:
+    """2-D points of the strongest anomaly filters, their tiny cluster in red."""
+    picks = []
+    for layer in last["layers"]:
+        typical = layer.get("ch_typical") or 1.0
+        for j, f in enumerate(layer.get("point_filters") or []):
+            ch = layer["ch"][f]
+            if ch is not None:
+                picks.append((ch / typical, layer, j, f))
+    if not picks:
+        return None
+    picks.sort(key=lambda t: -t[0])
+    picks = picks[:most]
+    cols = min(4, len(picks))
+    rows = math.ceil(len(picks) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (ratio, layer, j, f) in zip(axes.flat, picks, strict=False):
+        pts = torch.tensor(layer["points"][j], dtype=torch.float32)
+        labels = torch.tensor(layer["point_labels"][j], dtype=torch.long)
+        x = pts[:, 0]
+        y = pts[:, 1] if pts.shape[1] > 1 else torch.zeros_like(x)
+        counts = torch.bincount(labels.clamp_min(0))
+        counts = torch.where(counts > 0, counts, torch.full_like(counts, labels.numel() + 1))
+        tiny = labels == int(counts.argmin())
+        ax.axis("on")
+        ax.scatter(x[~tiny], y[~tiny], s=6, color="C7")
+        ax.scatter(x[tiny], y[tiny], s=14, color="C3")
+        ax.set_title(f"{layer['name']} #{f}: CH x{ratio:.1f}, {int(tiny.sum())} in red", fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("strongest anomaly filters: probe samples in PCA space, tiny cluster in red", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def _png(fig: Any) -> bytes:
@@ -205,6 +247,14 @@ code{{background:#f4f4f4;padding:1px 4px}}</style></head><body>
 Criteria: <code>{html.escape(json.dumps(crit))}</code></p>
 {body}
 <h2>History</h2><table><tr><th>epoch</th><th>anomaly filters</th><th>outliers</th><th>grad ratio</th><th>train acc</th><th>val acc</th><th>event</th></tr>{rows}</table>
+<script>
+// Lets a headless browser check that every embedded image decoded.
+window.addEventListener("load", () => {{
+  const imgs = Array.from(document.images);
+  document.body.dataset.images = imgs.length;
+  document.body.dataset.imagesLoaded = imgs.filter((i) => i.complete && i.naturalWidth > 0).length;
+}});
+</script>
 </body></html>
 """
     target = Path(out) if out is not None else path.parent / "report.html"

@@ -47,6 +47,10 @@ def test_planted_anomaly_filter_and_its_samples_are_found():
     assert report.gradient_ratio is not None and report.gradient_ratio > 0
     # Each criterion is reported on its own and the anomaly flag is their conjunction.
     assert torch.equal(layer.anomaly, layer.unbalanced & layer.high_ch & layer.high_activation)
+    # The anomaly filter's points and labels are kept for plots; its tiny cluster is the triggered samples.
+    assert layer.point_filters.tolist() == [7] and layer.points.shape == (1, 64, 2)
+    tiny = torch.bincount(layer.point_labels[0].long()).argmin()
+    assert (layer.point_labels[0] == tiny).nonzero().flatten().tolist() == [0, 1, 2, 3]
 
 
 def test_reference_backend_finds_the_same_planted_filter():
