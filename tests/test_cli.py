@@ -56,3 +56,20 @@ def test_report_errors_are_clear(tmp_path, capsys, demo_run, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["report", str(demo_run), "--out", str(tmp_path / "x.html")]) == 2
     assert "pip install 'lightning-anomaly[viz]'" in capsys.readouterr().err
+
+
+def test_report_from_a_checkpoint(tmp_path):
+    from lightning.pytorch import Trainer, seed_everything
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_anomaly import AnomalyFilterCallback
+    from tests.helpers import FAST, Net
+
+    seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    monitor = AnomalyFilterCallback(probe_size=24, history_file=None)
+    Trainer(default_root_dir=tmp_path, max_epochs=2, callbacks=[monitor, ckpt], logger=False, **FAST).fit(Net())
+    out = tmp_path / "from_ckpt.html"
+    assert main(["report", str(tmp_path / "ckpt" / "last.ckpt"), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert page.count("data:image/png;base64,") >= 2 and "<td>2</td>" in page

@@ -37,7 +37,7 @@ def find_history(run_dir: str | Path) -> Path:
         FileNotFoundError: ``run_dir`` does not exist or holds no history.
     """
     root = Path(run_dir)
-    if root.is_file() and root.name.endswith(".json"):
+    if root.is_file() and root.suffix in (".json", ".ckpt"):
         return root
     if not root.exists():
         raise FileNotFoundError(f"run directory {str(root)!r} does not exist")
@@ -48,6 +48,17 @@ def find_history(run_dir: str | Path) -> Path:
             "directory (history_file=...)"
         )
     return found[-1]
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    """The monitor's history from a Lightning checkpoint's callback state (no per-filter report there)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    for key, state in ckpt.get("callbacks", {}).items():
+        if isinstance(state, dict):
+            state = state.get("monitor") or state  # AnomalyPruneCallback nests its own monitor
+            if isinstance(state, dict) and "history" in state and key:
+                return {"history": state["history"], "criteria": {}, "last_report": None}
+    raise ValueError(f"{path} holds no AnomalyFilterCallback state; was the callback in the Trainer that saved it?")
 
 
 def _figures(doc: dict[str, Any], probe: dict[str, Any] | None) -> dict[str, Any]:
@@ -101,11 +112,11 @@ def _figures(doc: dict[str, Any], probe: dict[str, Any] | None) -> dict[str, Any
             ax.set_title(layer["name"], fontsize=8)
             ax.set_xlabel("log10 CH", fontsize=7)
         fig.suptitle("CH per filter at the last analysis (red: anomaly filters)", fontsize=9)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 0.96))
         figs["ch"] = fig
 
     if last:
-        scatter = _scatter(plt, last)
+        scatter = _scatter(plt, last, probe)
         if scatter is not None:
             figs["filters"] = scatter
 
@@ -127,29 +138,21 @@ def _figures(doc: dict[str, Any], probe: dict[str, Any] | None) -> dict[str, Any
             for i in h["outlier_indices"]:
                 counts[i] = counts.get(i, 0) + 1
         top = sorted(counts, key=lambda i: (-counts[i], i))[:16]
-        x = probe["inputs"][top].float()
         cols = min(8, len(top))
         rows = math.ceil(len(top) / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.5 * rows), squeeze=False)
         for ax in axes.flat:
             ax.axis("off")
-        targets = probe.get("targets")
-        indices = probe.get("indices")
-        for ax, i, img in zip(axes.flat, top, x, strict=False):
-            arr = img.permute(1, 2, 0) if img.shape[0] in (3, 4) else img[0]
-            arr = (arr - arr.min()) / (arr.max() - arr.min() + 1e-12)
-            ax.imshow(arr.numpy(), cmap="gray" if arr.ndim == 2 else None)
-            label = "" if targets is None else f" y={int(targets[i])}"
-            ds = "" if indices is None else f"#{indices[i]}"
-            ax.set_title(f"{ds}{label}", fontsize=7)
+        for ax, i in zip(axes.flat, top, strict=False):
+            _show(ax, probe, i)
         fig.suptitle("outlier probe samples (most often singled out lately)", fontsize=9)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 0.96))
         figs["outliers"] = fig
     return figs
 
 
-def _scatter(plt: Any, last: dict[str, Any], most: int = 8) -> Any:
-    """2-D points of the strongest anomaly filters, their tiny cluster in red."""
+def _scatter(plt: Any, last: dict[str, Any], probe: dict[str, Any] | None = None, most: int = 8) -> Any:
+    """2-D points of the strongest anomaly filters, their tiny cluster in red, and its first images."""
     picks = []
     for layer in last["layers"]:
         typical = layer.get("ch_typical") or 1.0
@@ -161,12 +164,18 @@ def _scatter(plt: Any, last: dict[str, Any], most: int = 8) -> Any:
         return None
     picks.sort(key=lambda t: -t[0])
     picks = picks[:most]
-    cols = min(4, len(picks))
-    rows = math.ceil(len(picks) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, 2.6 * rows), squeeze=False)
+    shown = 4 if probe is not None else 0  # images of the tiny cluster beside each scatter
+    fig, axes = plt.subplots(
+        len(picks),
+        1 + shown,
+        figsize=(2.6 + 1.2 * shown, 2.3 * len(picks)),
+        squeeze=False,
+        gridspec_kw={"width_ratios": [2.2] + [1] * shown},
+    )
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (ratio, layer, j, f) in zip(axes.flat, picks, strict=False):
+    for row, (ratio, layer, j, f) in zip(axes, picks, strict=False):
+        ax = row[0]
         pts = torch.tensor(layer["points"][j], dtype=torch.float32)
         labels = torch.tensor(layer["point_labels"][j], dtype=torch.long)
         x = pts[:, 0]
@@ -180,9 +189,25 @@ def _scatter(plt: Any, last: dict[str, Any], most: int = 8) -> Any:
         ax.set_title(f"{layer['name']} #{f}: CH x{ratio:.1f}, {int(tiny.sum())} in red", fontsize=7)
         ax.set_xticks([])
         ax.set_yticks([])
+        if probe is not None:
+            for img_ax, i in zip(row[1:], tiny.nonzero().flatten().tolist(), strict=False):
+                _show(img_ax, probe, i)
     fig.suptitle("strongest anomaly filters: probe samples in PCA space, tiny cluster in red", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     return fig
+
+
+def _show(ax: Any, probe: dict[str, Any], i: int) -> None:
+    """Probe image ``i`` on ``ax``, titled with its dataset index and label."""
+    img = probe["inputs"][i].float()
+    arr = img.permute(1, 2, 0) if img.shape[0] in (3, 4) else img[0]
+    arr = (arr - arr.min()) / (arr.max() - arr.min() + 1e-12)
+    ax.imshow(arr.numpy(), cmap="gray" if arr.ndim == 2 else None)
+    targets, indices = probe.get("targets"), probe.get("indices")
+    label = "" if targets is None else f" y={int(targets[i])}"
+    ds = "" if indices is None else f"#{indices[i]}"
+    ax.set_title(f"{ds}{label}", fontsize=7)
+    ax.axis("off")
 
 
 def _png(fig: Any) -> bytes:
@@ -208,7 +233,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, fmt: Litera
         ImportError: matplotlib is missing (the message names the extra to install).
     """
     path = find_history(run_dir)
-    doc = json.loads(path.read_text())
+    doc = _load_checkpoint(path) if path.suffix == ".ckpt" else json.loads(path.read_text())
     if not doc.get("history"):
         raise ValueError(f"{path} holds no analysis yet; run at least one epoch with AnomalyFilterCallback")
     probe_path = path.with_name(PROBE_FILE)
