@@ -329,6 +329,9 @@ class AnomalyPruneCallback(Callback):
             "anomaly_count": report.anomaly_count,
         }
         self.events.append(event)
+        history = self.monitor.history
+        if history and history[-1]["epoch"] == event["epoch"]:
+            history[-1]["prune_event"] = event  # the report marks prune events from the history
         if self.verbose:
             rank_zero_info(
                 f"[prune] epoch {event['epoch']}: masked {event['n_pruned']} filters ({event['total_pruned']} in all): "

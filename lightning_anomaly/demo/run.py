@@ -69,7 +69,7 @@ class _EpochTable(Callback):
                 trainer,
                 f"{h['epoch'] + 1:>5} {f(tr, 9)} {f(va, 8)} {f(gap, 6)} {f(self.asr.get(h['epoch']), 8, 2)} "
                 f"{h['anomaly_count']:>7} {h['outlier_count']:>8} {planted:>14} {f(ratio, 10, 2)}"
-                + (f"   <- pruned {h['pruned_now']} filters" if h.get("pruned_now") else ""),
+                + (f"   <- pruned {h['prune_event']['n_pruned']} filters" if h.get("prune_event") else ""),
             )
         self.printed = len(self.monitor.history)
 
@@ -77,19 +77,7 @@ class _EpochTable(Callback):
         self._flush(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.monitor._refresh_metrics(trainer)
-        self._flush(trainer)
-
-
-class _MarkPrunes(AnomalyPruneCallback):
-    """Notes each prune in the monitor's history so the table and the report can show it."""
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        before = len(self.events)
-        super().on_train_epoch_end(trainer, pl_module)
-        if len(self.events) > before and self.monitor.history:
-            self.monitor.history[-1]["pruned_now"] = self.events[-1]["n_pruned"]
-            self.monitor.history[-1]["prune_event"] = self.events[-1]
+        self._flush(trainer)  # the monitor, earlier in the list, has refreshed the metrics
 
 
 def run_demo(
@@ -129,7 +117,9 @@ def run_demo(
     callbacks: list[Callback] = [monitor, table]
     if prune:
         callbacks.append(
-            _MarkPrunes(monitor, trigger="overfit", patience=2, max_fraction_per_layer=0.2, max_total_fraction=0.1)
+            AnomalyPruneCallback(
+                monitor, trigger="overfit", patience=2, max_fraction_per_layer=0.2, max_total_fraction=0.1
+            )
         )
     accelerator = {"cuda": "gpu"}.get(device, device)
     trainer = Trainer(

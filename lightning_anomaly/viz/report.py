@@ -20,7 +20,7 @@ __all__ = ["build_report", "find_history"]
 def _pyplot() -> Any:
     try:
         import matplotlib
-    except ImportError as err:  # pragma: no cover - exercised by a test that hides matplotlib
+    except ImportError as err:
         raise ImportError(
             "the report needs matplotlib, an optional extra: pip install 'lightning-anomaly[viz]'"
         ) from err

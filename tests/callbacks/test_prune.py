@@ -45,6 +45,8 @@ def test_prunes_flagged_filters_to_exact_zero_within_limits(tmp_path):
     _, model = run(tmp_path, [monitor, pruner])
     assert len(pruner.events) == 1 and pruner.events[0]["epoch"] == 1
     assert pruner.n_pruned > 0
+    # The monitor's history marks the prune, so reports and the JSON history show it.
+    assert [h.get("prune_event", {}).get("epoch") for h in monitor.history] == [None, 1, None]
     for channels in pruner.pruned.values():
         assert len(channels) <= int(0.3 * 16)  # per-layer limit
     assert pruner.n_pruned <= int(0.3 * 32)  # model-wide limit
