@@ -36,7 +36,8 @@ def _report(args: argparse.Namespace) -> int:
     from lightning_anomaly.viz.report import build_report
 
     try:
-        target = build_report(args.run_dir, args.out, args.format)
+        epochs = [int(e) for e in args.epochs.split(",")] if args.epochs else None
+        target = build_report(args.run_dir, args.out, args.format, epochs)
     except (FileNotFoundError, ValueError, ImportError) as err:
         print(f"lightning-anomaly report: {err}", file=sys.stderr)
         return 2
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("run_dir")
     report.add_argument("--out", default=None)
     report.add_argument("--format", choices=("html", "png"), default="html")
+    report.add_argument(
+        "--epochs", default=None, help="comma-separated 1-based epochs for the CH histograms, e.g. 1,5,15"
+    )
     report.set_defaults(func=_report)
     bench = sub.add_parser("bench", help="run benchmarks/bench_engine.py (batched engine vs scikit-learn)")
     bench.add_argument("extra", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")

@@ -299,6 +299,7 @@ class AnalysisReport:
             "degenerate_count": self.degenerate_count,
             "layer_anomaly_counts": {n: lr.anomaly_count for n, lr in self.layers.items()},
             "layer_mean_ch": {n: _plain_float(_nanmean(lr.ch[~lr.degenerate])) for n, lr in self.layers.items()},
+            "layer_ch_hist": {n: _log10_hist(lr.ch[~lr.degenerate]) for n, lr in self.layers.items()},
             "outlier_count": len(self.outlier_indices),
             "outlier_indices": self.outlier_indices,
             "top_outliers": self.top_outliers(),
@@ -401,6 +402,20 @@ def count_outliers(layers: Iterable[LayerReport], n_samples: int) -> Tensor:
         for c in lr.anomaly_indices:
             counts += lr.small_cluster_members(c).long()
     return counts
+
+
+def _log10_hist(ch: Tensor, bins: int = 16) -> dict[str, list[float]] | None:
+    """Histogram of log10 CH (finite, positive values) as plain lists: ``edges`` and ``counts``."""
+    v = ch.double()
+    v = v[torch.isfinite(v) & (v > 0)].log10()
+    if v.numel() == 0:
+        return None
+    lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        hi = lo + 1e-6
+    counts = torch.histc(v, bins=bins, min=lo, max=hi)
+    edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
+    return {"edges": [round(e, 5) for e in edges.tolist()], "counts": [int(c) for c in counts.tolist()]}
 
 
 def _nanmean(t: Tensor) -> float:

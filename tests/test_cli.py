@@ -48,6 +48,13 @@ def test_report_png(demo_run, tmp_path):
     assert {"curves.png", "layers.png", "filters.png", "outliers.png"} <= {p.name for p in (tmp_path / "png").iterdir()}
 
 
+def test_report_ch_histograms_for_chosen_epochs(demo_run, tmp_path, capsys):
+    assert main(["report", str(demo_run), "--format", "png", "--out", str(tmp_path / "a"), "--epochs", "1,2"]) == 0
+    assert (tmp_path / "a" / "ch_epochs.png").stat().st_size > 1000
+    assert main(["report", str(demo_run), "--out", str(tmp_path / "b.html"), "--epochs", "7"]) == 2
+    assert "no analysis at epochs [7]; analysed epochs: [1, 2]" in capsys.readouterr().err
+
+
 def test_report_errors_are_clear(tmp_path, capsys, demo_run, monkeypatch):
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -61,7 +61,39 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
     raise ValueError(f"{path} holds no AnomalyFilterCallback state; was the callback in the Trainer that saved it?")
 
 
-def _figures(doc: dict[str, Any], probe: dict[str, Any] | None) -> dict[str, Any]:
+def _ch_over_epochs(plt: Any, history: list[dict[str, Any]], epochs: list[int] | None) -> Any:
+    """log10-CH histograms per layer at a few epochs (first, middle, last analysis by default)."""
+    with_hist = [h for h in history if h.get("layer_ch_hist")]
+    if not with_hist:
+        return None
+    if epochs:
+        chosen = [h for h in with_hist if h["epoch"] + 1 in set(epochs)]
+    else:
+        picks = sorted({0, len(with_hist) // 2, len(with_hist) - 1})
+        chosen = [with_hist[i] for i in picks]
+    if not chosen:
+        raise ValueError(f"no analysis at epochs {epochs}; analysed epochs: {[h['epoch'] + 1 for h in with_hist]}")
+    layers = list(chosen[-1]["layer_ch_hist"])[:12]
+    cols = min(4, len(layers))
+    rows = math.ceil(len(layers) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, 2.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, layer in zip(axes.flat, layers, strict=False):
+        ax.axis("on")
+        for i, h in enumerate(chosen):
+            hist = h["layer_ch_hist"].get(layer)
+            if hist:
+                ax.stairs(hist["counts"], hist["edges"], color=f"C{i}", label=f"epoch {h['epoch'] + 1}")
+        ax.set_title(layer, fontsize=7)
+        ax.tick_params(labelsize=6)
+    axes.flat[0].legend(fontsize=6)
+    fig.suptitle("log10 CH per filter, by layer, at chosen epochs", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    return fig
+
+
+def _figures(doc: dict[str, Any], probe: dict[str, Any] | None, ch_epochs: list[int] | None = None) -> dict[str, Any]:
     plt = _pyplot()
     history = doc["history"]
     figs: dict[str, Any] = {}
@@ -97,6 +129,10 @@ def _figures(doc: dict[str, Any], probe: dict[str, Any] | None) -> dict[str, Any
         fig.colorbar(im, ax=ax, label="anomaly filters")
         ax.set_title("anomaly filters per layer")
         figs["layers"] = fig
+
+    over_epochs = _ch_over_epochs(plt, history, ch_epochs)
+    if over_epochs is not None:
+        figs["ch_epochs"] = over_epochs
 
     last = doc.get("last_report")
     if last:
@@ -216,20 +252,26 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def build_report(run_dir: str | Path, out: str | Path | None = None, fmt: Literal["html", "png"] = "html") -> Path:
+def build_report(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    fmt: Literal["html", "png"] = "html",
+    epochs: list[int] | None = None,
+) -> Path:
     """Turn a run's ``anomaly_history.json`` into one self-contained HTML file, or PNG plots.
 
     Args:
         run_dir: The run's log directory (or the history file itself).
         out: Output file (HTML) or directory (PNG); next to the history by default.
         fmt: ``"html"`` (images embedded) or ``"png"``.
+        epochs: 1-based epochs whose CH histograms to compare (first, middle and last by default).
 
     Returns:
         The HTML file or the PNG directory.
 
     Raises:
         FileNotFoundError: No history found.
-        ValueError: The history holds no analysis yet.
+        ValueError: The history holds no analysis yet, or none at the requested ``epochs``.
         ImportError: matplotlib is missing (the message names the extra to install).
     """
     path = find_history(run_dir)
@@ -239,7 +281,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, fmt: Litera
     probe_path = path.with_name(PROBE_FILE)
     probe = torch.load(probe_path, weights_only=True) if probe_path.exists() else None
     plt = _pyplot()
-    figs = _figures(doc, probe)
+    figs = _figures(doc, probe, epochs)
     if fmt == "png":
         target = Path(out) if out is not None else path.parent / "report_png"
         target.mkdir(parents=True, exist_ok=True)
