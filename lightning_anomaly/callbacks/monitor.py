@@ -20,7 +20,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_anomaly.criteria import AnomalyCriteria
-from lightning_anomaly.engine.analyze import analyze
+from lightning_anomaly.engine.analyze import analyze, model_inputs
 from lightning_anomaly.engine.capture import select_layers
 from lightning_anomaly.engine.gradients import per_sample_grad_norms
 from lightning_anomaly.logging import (
@@ -36,13 +36,6 @@ __all__ = ["AnomalyFilterCallback"]
 
 HISTORY_FILE = "anomaly_history.json"
 PROBE_FILE = "anomaly_probe.pt"
-
-
-def _to_model(model: LightningModule, x: Tensor) -> Tensor:
-    """Inputs on the model's device, floating inputs in its parameter dtype (as ``analyze`` does)."""
-    x = x.to(model.device)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    return x.to(dtype) if x.is_floating_point() and dtype is not None else x
 
 
 def split_layers(model: torch.nn.Module, names: list[str], parts: int) -> list[list[str]]:
@@ -393,7 +386,7 @@ class AnomalyFilterCallback(Callback):
                 progress.close()
         grads = None
         if targets is not None:
-            xs, ys = _to_model(pl_module, x[grad_rows]), targets[grad_rows].to(pl_module.device)
+            xs, ys = model_inputs(pl_module, x[grad_rows]), targets[grad_rows].to(pl_module.device)
             if xs.shape[0]:
                 grads = per_sample_grad_norms(pl_module, xs, ys, loss_fn, output_transform=self.output_transform)
             else:

@@ -33,11 +33,11 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _float_dtype(model: nn.Module) -> torch.dtype | None:
-    for t in model.parameters():
-        if t.is_floating_point():
-            return t.dtype
-    return None
+def model_inputs(model: nn.Module, inputs: Tensor, device: torch.device | str | None = None) -> Tensor:
+    """``inputs`` on ``device`` (the model's by default), floating inputs in the model's parameter dtype."""
+    x = inputs.to(torch.device(device) if device is not None else _model_device(model))
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    return x.to(dtype) if x.is_floating_point() and dtype is not None else x
 
 
 def _group_uniforms(groups: Sequence[tuple[str, int]], k: int, n_init: int, seed: int) -> Tensor:
@@ -216,11 +216,7 @@ def analyze(
             f"{tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__}"
         )
     sites = select_layers(model, layers)
-    dev = torch.device(device) if device is not None else _model_device(model)
-    x = inputs.to(dev)
-    dtype = _float_dtype(model)
-    if x.is_floating_point() and dtype is not None:
-        x = x.to(dtype)
+    x = model_inputs(model, inputs, device)
 
     pca = sklearn_pca if backend == "sklearn" else batched_pca
     captures = capture_layers(model, x, sites, criteria.n_components, pca=pca, forward=forward, on_layer=on_layer)
@@ -230,7 +226,7 @@ def analyze(
 
     grads = None
     if targets is not None:
-        grads = per_sample_grad_norms(model, x, targets.to(dev), loss_fn, output_transform=output_transform)
+        grads = per_sample_grad_norms(model, x, targets.to(x.device), loss_fn, output_transform=output_transform)
     return AnalysisReport(
         layers=layer_reports,
         n_samples=n,
