@@ -36,7 +36,7 @@ __all__ = ["MixtureFit", "fit_gmm", "uniform_width"]
 _LOG_2PI = math.log(2.0 * math.pi)
 _EPS = 10.0 * torch.finfo(torch.float64).eps
 # Problems x samples x components held at once on a CPU: keeps E-step temporaries in cache.
-_CPU_CHUNK_ELEMENTS = 1 << 19
+_CPU_CHUNK_ELEMENTS = 1 << 20
 # Same bound on an accelerator, where bigger batches are better but memory is finite.
 _ACCEL_CHUNK_ELEMENTS = 1 << 28
 
@@ -68,16 +68,24 @@ def _features(x: Tensor) -> Tensor:
     return torch.stack([px * px, px * py, py * py, px, py, torch.ones_like(px)], dim=-1)
 
 
+def _max_mask(scores: Tensor) -> Tensor:
+    """``(B, K, N)`` scores -> float mask, 1 where a score equals the largest over dim 1, else 0.
+
+    Built from float arithmetic only: on the CPU, comparisons that produce ``bool`` tensors and
+    casts from ``bool`` are several times slower than a subtraction and a ``sign``.
+    """
+    return (scores - scores.amax(1, keepdim=True)).sign_().add_(1.0)
+
+
 def _argmax_dim1(scores: Tensor) -> Tensor:
-    """Argmax over dim 1 of ``(B, K, N)``, first index on ties.
+    """Argmax over dim 1 of ``(B, K, N)`` finite scores, first index on ties.
 
     ``Tensor.argmax(1)`` is slow on the CPU when the reduced dimension is not the innermost one;
-    a max, a comparison and a max over small integer weights are not.
+    the largest of the maximal positions' reversed ranks is not.
     """
     k = scores.shape[1]
-    top = scores.amax(1, keepdim=True)
-    rank = torch.arange(k, 0, -1, dtype=torch.uint8, device=scores.device).view(1, k, 1)
-    return (k - ((scores == top) * rank).amax(1)).long()
+    rank = torch.arange(k, 0, -1, dtype=scores.dtype, device=scores.device).view(1, k, 1)
+    return (k - _max_mask(scores).mul_(rank).amax(1)).long()
 
 
 def _onehot(labels: Tensor, k: int, dtype: torch.dtype) -> Tensor:
@@ -170,22 +178,25 @@ def _kmeans_labels(x: Tensor, k: int, n_iter: int, uniforms: Tensor) -> Tensor:
         centers.append(torch.stack([cx[rows, best], cy[rows, best]], dim=-1))
         d2 = cand_d2[rows, best]
     cen = torch.stack(centers, dim=1)  # (B, k, 2)
-    x1 = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)  # (B, N, 3)
-    x1t = x1.mT.contiguous()
-    labels = torch.zeros(bsz, n, dtype=torch.long, device=x.device)
-    for step in range(n_iter + 1):
-        # ||x - c||^2 up to the per-point constant ||x||^2, as one product.
-        coef = torch.cat([-2.0 * cen, cen.square().sum(-1, keepdim=True)], dim=-1)  # (B, k, 3)
-        new_labels = _argmax_dim1(-torch.bmm(coef, x1t))
-        if step > 0 and torch.equal(new_labels, labels):
-            break
-        labels = new_labels
-        if step == n_iter:
-            break
-        sums = torch.bmm(_onehot(labels, k, x.dtype), x1)  # (B, k, 3): sums and counts
+    x1t = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1).mT.contiguous()  # (B, 3, N)
+
+    def assignment(cen: Tensor) -> Tensor:
+        # Closeness -||x - c||^2 up to the per-point constant ||x||^2, as one product, then a
+        # one-hot float mask; an exact tie (duplicate centres) counts the point for each tied
+        # centre, which keeps every centre at the mean of the points it holds.
+        coef = torch.cat([2.0 * cen, -cen.square().sum(-1, keepdim=True)], dim=-1)  # (B, k, 3)
+        return _max_mask(torch.bmm(coef, x1t))
+
+    assign = assignment(cen)
+    for _ in range(n_iter):
+        sums = torch.bmm(assign, x1t.mT)  # (B, k, 3): sums and counts
         counts = sums[..., 2:]
         cen = torch.where(counts > 0, sums[..., :2] / counts.clamp_min(1), cen)
-    return labels
+        new_assign = assignment(cen)
+        if torch.equal(new_assign, assign):
+            break
+        assign = new_assign
+    return _argmax_dim1(assign)
 
 
 class _Work:
@@ -208,8 +219,9 @@ class _Work:
     _FIELDS = ("idx", "feats", "feats_t", "weights", "means", "cov", "prev", "iters", "alive")
 
     def select(self, keep: Tensor) -> None:
+        """Keep the rows ``keep`` (int64 indices)."""
         for name in self._FIELDS:
-            setattr(self, name, getattr(self, name)[keep])
+            setattr(self, name, getattr(self, name).index_select(0, keep))
 
     def extend(self, other: _Work) -> None:
         for name in self._FIELDS:
@@ -259,20 +271,22 @@ def _fit_batched(
         # only round trip, and it saves every later iteration for the retired problems.
         n_finished = int(finished.sum())
         if n_finished:
-            rows = work.idx[finished]
-            labels[rows] = _argmax_dim1(resp[finished])
-            out_w[rows] = work.weights[finished]
-            out_m[rows] = work.means[finished]
-            lower[rows] = lb[finished]
-            n_iter[rows] = work.iters[finished]
-            converged[rows] = done[finished]
+            # Integer indices, computed once: boolean-mask indexing repeats a nonzero() per use.
+            fin = finished.nonzero().squeeze(1)
+            rows = work.idx[fin]
+            labels[rows] = _argmax_dim1(resp.index_select(0, fin))
+            out_w[rows] = work.weights[fin]
+            out_m[rows] = work.means[fin]
+            lower[rows] = lb[fin]
+            n_iter[rows] = work.iters[fin]
+            converged[rows] = done[fin]
             work.alive &= ~finished
             alive -= n_finished
             # Retired problems ride along until enough of them make a copy worthwhile.
             if alive == 0 or (len(work) - alive) * 8 >= len(work):
-                keep = work.alive
+                keep = work.alive.nonzero().squeeze(1)
                 work.select(keep)
-                resp, lb = resp[keep], lb[keep]
+                resp, lb = resp.index_select(0, keep), lb[keep]
                 if alive == 0:
                     work = None
                     continue

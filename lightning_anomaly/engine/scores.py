@@ -50,9 +50,11 @@ def calinski_harabasz(points: Tensor, labels: Tensor, n_clusters: int) -> Tensor
     """
     x = points.double()
     n = x.shape[1]
-    onehot = (labels.long().unsqueeze(1) == torch.arange(n_clusters, device=x.device).view(1, -1, 1)).double()
-    counts = onehot.sum(-1)  # (B, K)
-    centroids = torch.bmm(onehot, x) / counts.clamp_min(1).unsqueeze(-1)  # (B, K, d)
+    index = labels.long().unsqueeze(-1)  # (B, N, 1)
+    counts = cluster_sizes(labels, n_clusters).double()  # (B, K)
+    sums = torch.zeros(x.shape[0], n_clusters, x.shape[2], dtype=x.dtype, device=x.device)
+    sums.scatter_add_(1, index.expand_as(x), x)
+    centroids = sums / counts.clamp_min(1).unsqueeze(-1)  # (B, K, d)
     grand = x.mean(1, keepdim=True)  # (B, 1, d)
     ssb = (counts * (centroids - grand).square().sum(-1)).sum(-1)
     total = (x - grand).square().sum((1, 2))
