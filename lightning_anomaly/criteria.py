@@ -48,7 +48,9 @@ CONSTRAINTS: dict[str, _Rule] = {
     ),
     "ch_ratio": _Rule((int, float), low=0.0, low_open=True, hint="1.0 means 'above the layer's typical CH'"),
     "activation_ratio": _Rule(
-        (int, float), low=0.0, low_open=True, hint="1.0 means 'above the layer's typical activation'"
+        (int, float),
+        low=0.0,
+        hint="1.0 means 'above the layer's typical activation'; 0 turns the activation criterion off",
     ),
     "n_components": _Rule(
         int, low=1, high=2, hint="the paper projects to 2 dimensions; the closed-form mixture algebra covers 1 and 2"
@@ -258,3 +260,38 @@ class AnomalyCriteria:
             "high_activation": high_act,
             "anomaly": unbalanced & high_ch & high_act,
         }
+
+    def strength(
+        self, smallest_cluster: Tensor, ch: Tensor, activation: Tensor, degenerate: Tensor, n_samples: int = 0
+    ) -> Tensor:
+        """A graded version of :meth:`flag`: how close each filter comes to being an anomaly filter.
+
+        ``unbalanced * min(1, CH / (ch_ratio * typical CH)) * min(1, activation / (activation_ratio
+        * typical activation))``: 0 for a filter without a tiny cluster (and for a degenerate one),
+        1 for every anomaly filter, and in between for a filter with a tiny cluster that falls short
+        of the CH or activation rule. :func:`~lightning_anomaly.report.score_outliers` sums it over
+        the filters that single a sample out.
+
+        Args:
+            smallest_cluster: As in :meth:`flag`.
+            ch: As in :meth:`flag`.
+            activation: As in :meth:`flag`.
+            degenerate: As in :meth:`flag`.
+            n_samples: As in :meth:`flag`.
+
+        Returns:
+            ``(C,)`` float64 in ``[0, 1]``.
+        """
+        valid = ~degenerate
+        unbalanced = (smallest_cluster <= self.tiny_cluster_limit(n_samples)) & valid
+        out = unbalanced.double()
+        for values, ratio in ((ch, self.ch_ratio), (activation, self.activation_ratio)):
+            typical = self.typical(values, valid)
+            v = torch.nan_to_num(values.double(), nan=0.0)
+            if math.isnan(typical):
+                out = torch.zeros_like(out)
+            elif ratio * typical > 0:
+                out = out * (v / (ratio * typical)).clamp(0.0, 1.0)
+            else:  # a zero threshold: the rule is a plain 'above' test
+                out = out * v.gt(ratio * typical).double()
+        return out

@@ -10,15 +10,14 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from lightning_anomaly.criteria import AnomalyCriteria
+from lightning_anomaly.criteria import AnomalyCriteria
 
-__all__ = ["AnalysisReport", "LayerReport", "count_outliers", "merge_reports"]
+__all__ = ["AnalysisReport", "LayerReport", "count_outliers", "merge_reports", "score_outliers"]
 
 # Settings that change the clustering itself; the others only change the flags.
 _CLUSTERING_SETTINGS = ("k_range", "n_components", "max_iter", "tol", "reg_covar", "kmeans_iter", "n_init")
@@ -112,12 +111,19 @@ class LayerReport:
 
     def small_cluster_members(self, filter_index: int) -> Tensor:
         """Bool mask ``(N,)`` of the probe samples in the smallest cluster of one filter."""
-        lab = self.labels[filter_index].long()
-        if lab.min() < 0:
-            return torch.zeros_like(lab, dtype=torch.bool)
-        counts = torch.bincount(lab)
-        counts = torch.where(counts > 0, counts, torch.full_like(counts, lab.numel() + 1))
-        return lab == int(counts.argmin())
+        return self.small_cluster_masks(torch.tensor([filter_index]))[0]
+
+    def small_cluster_masks(self, filters: Tensor) -> Tensor:
+        """Bool ``(F, N)``: for each filter index in ``filters``, the members of its smallest cluster."""
+        lab = self.labels[filters].long()  # (F, N), -1 where degenerate
+        if lab.numel() == 0:
+            return torch.zeros(lab.shape, dtype=torch.bool)
+        k = int(lab.max().clamp_min(0)) + 1
+        sizes = torch.zeros(lab.shape[0], k + 1, dtype=torch.long).scatter_add_(1, lab + 1, torch.ones_like(lab))
+        sizes = sizes[:, 1:]  # drop the -1 column
+        sizes = torch.where(sizes > 0, sizes, torch.full_like(sizes, lab.shape[1] + 1))
+        smallest = sizes.argmin(1, keepdim=True)  # first label on ties, as small_cluster_members
+        return (lab == smallest) & (lab >= 0).all(1, keepdim=True)
 
     def to_dict(self, tensors: Literal["tensor", "list"] = "tensor", labels: bool = True) -> dict[str, Any]:
         """Plain-type view; ``tensors="list"`` gives JSON-ready lists (NaN becomes ``None``)."""
@@ -191,6 +197,9 @@ class AnalysisReport:
         outlier_counts: ``(N,)`` int64: for each probe sample, the number of anomaly filters whose
             smallest cluster it belongs to.
         grad_norms: ``(N,)`` float64 per-sample gradient norms, or ``None`` without targets.
+        outlier_scores: ``(N,)`` float64 continuous outlier score (:func:`score_outliers`): the
+            count plus partial credit from filters with a tiny cluster that narrowly miss a rule.
+            ``None`` for reports saved before it existed.
         criteria: The :class:`~lightning_anomaly.AnomalyCriteria` settings used, as a dict.
         backend: ``"torch"`` or ``"sklearn"``.
         seed: Seed of the mixture initialisation.
@@ -201,6 +210,7 @@ class AnalysisReport:
     n_samples: int
     outlier_counts: Tensor
     grad_norms: Tensor | None = None
+    outlier_scores: Tensor | None = None
     criteria: dict[str, Any] = field(default_factory=dict)
     backend: str = "torch"
     seed: int = 0
@@ -227,10 +237,15 @@ class AnalysisReport:
         return self.outlier_counts.nonzero().flatten().tolist()
 
     def top_outliers(self, k: int = 32) -> list[int]:
-        """Probe indices of up to ``k`` outlier samples, most often singled out first."""
-        counts = self.outlier_counts
-        order = sorted(range(len(counts)), key=lambda i: (-int(counts[i]), i))
-        return [i for i in order[:k] if int(counts[i]) > 0]
+        """Probe indices of up to ``k`` suspicious samples, most suspicious first.
+
+        Ranked by ``outlier_scores`` (then by count, then index); samples with a zero score are
+        left out. Without scores, by ``outlier_counts``.
+        """
+        counts = self.outlier_counts.tolist()
+        scores = self.outlier_scores.tolist() if self.outlier_scores is not None else [float(c) for c in counts]
+        order = sorted(range(len(counts)), key=lambda i: (-scores[i], -counts[i], i))
+        return [i for i in order[:k] if scores[i] > 0]
 
     @property
     def outlier_grad_norm(self) -> float | None:
@@ -280,6 +295,7 @@ class AnalysisReport:
             self,
             layers=layers,
             outlier_counts=count_outliers(layers.values(), self.n_samples),
+            outlier_scores=score_outliers(layers.values(), self.n_samples, criteria),
             criteria=criteria.to_dict(),
         )
 
@@ -316,6 +332,7 @@ class AnalysisReport:
             "n_samples": self.n_samples,
             "outlier_counts": conv(self.outlier_counts),
             "grad_norms": None if self.grad_norms is None else conv(self.grad_norms),
+            "outlier_scores": None if self.outlier_scores is None else conv(self.outlier_scores),
             "criteria": dict(self.criteria),
             "backend": self.backend,
             "seed": self.seed,
@@ -327,11 +344,13 @@ class AnalysisReport:
         """Inverse of :meth:`to_dict` (either tensor form)."""
         layers = OrderedDict((d["name"], LayerReport.from_dict(d)) for d in data["layers"])
         grads = data.get("grad_norms")
+        scores = data.get("outlier_scores")
         return cls(
             layers=layers,
             n_samples=int(data["n_samples"]),
             outlier_counts=torch.as_tensor(data["outlier_counts"], dtype=torch.long),
             grad_norms=None if grads is None else torch.as_tensor(grads, dtype=torch.float64),
+            outlier_scores=None if scores is None else torch.as_tensor(scores, dtype=torch.float64),
             criteria=dict(data.get("criteria", {})),
             backend=str(data.get("backend", "torch")),
             seed=int(data.get("seed", 0)),
@@ -386,10 +405,14 @@ def merge_reports(
         return rank.get(base, len(rank)), int(call or 0)
 
     layers = OrderedDict(sorted(((n, lr) for p in parts for n, lr in p.layers.items()), key=lambda t: key(t[0])))
+    scores = None
+    if first.criteria:
+        scores = score_outliers(layers.values(), first.n_samples, AnomalyCriteria.from_dict(first.criteria))
     return replace(
         first,
         layers=layers,
         outlier_counts=count_outliers(layers.values(), first.n_samples),
+        outlier_scores=scores,
         grad_norms=grad_norms,
         seconds=max(p.seconds for p in parts),
     )
@@ -399,9 +422,31 @@ def count_outliers(layers: Iterable[LayerReport], n_samples: int) -> Tensor:
     """For each probe sample, the number of anomaly filters whose smallest cluster holds it."""
     counts = torch.zeros(n_samples, dtype=torch.long)
     for lr in layers:
-        for c in lr.anomaly_indices:
-            counts += lr.small_cluster_members(c).long()
+        flagged = lr.anomaly.nonzero().flatten()
+        if flagged.numel():
+            counts += lr.small_cluster_masks(flagged).sum(0)
     return counts
+
+
+def score_outliers(layers: Iterable[LayerReport], n_samples: int, criteria: AnomalyCriteria) -> Tensor:
+    """Continuous outlier score of each probe sample.
+
+    The sum, over the filters whose tiny smallest cluster holds the sample, of their
+    :meth:`AnomalyCriteria.strength`. Every anomaly filter contributes 1, as in :func:`count_outliers`; a filter with a tiny cluster
+    that misses the CH or activation rule contributes the share of the threshold it reaches. The
+    score ranks samples where the count ties (most samples have a count of 0), and it does not hinge
+    on one threshold.
+
+    Returns:
+        ``(N,)`` float64, ``>= count_outliers(...)`` elementwise.
+    """
+    scores = torch.zeros(n_samples, dtype=torch.float64)
+    for lr in layers:
+        strength = criteria.strength(lr.min_cluster_size, lr.ch, lr.activation, lr.degenerate, n_samples)
+        used = strength.nonzero().flatten()
+        if used.numel():
+            scores += (strength[used, None] * lr.small_cluster_masks(used)).sum(0)
+    return scores
 
 
 def _log10_hist(ch: Tensor, bins: int = 16) -> dict[str, list[float]] | None:

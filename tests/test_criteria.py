@@ -87,3 +87,32 @@ def test_fraction_bound():
         torch.tensor([20, 30]), torch.tensor([10.0, 10.0]), torch.tensor([1.0, 1.0]), torch.tensor([False, False]), 256
     )
     assert flags["unbalanced"].tolist() == [True, False]
+
+
+def test_strength_grades_the_rules_and_is_one_exactly_for_full_passes():
+    crit = AnomalyCriteria(min_cluster_size=5, ch_ratio=2.0, activation_ratio=1.5)
+    # Same filters as the truth table: 0 passes all; 1 has no tiny cluster; 2 reaches half the CH
+    # threshold; 3 reaches 1/1.5 of the activation threshold... and 4 is degenerate.
+    smallest = torch.tensor([3, 40, 3, 3, 3, 30, 30])
+    ch = torch.tensor([100.0, 100.0, 20.0, 100.0, 1e16, 10.0, 10.0], dtype=torch.float64)
+    act = torch.tensor([10.0, 10.0, 10.0, 1.0, 50.0, 1.0, 1.0], dtype=torch.float64)
+    degenerate = torch.tensor([False, False, False, False, True, False, False])
+    strength = crit.strength(smallest, ch, act, degenerate)
+    flags = crit.flag(smallest, ch, act, degenerate)
+    # Typical CH 20 -> threshold 40; typical activation 1 -> threshold 1.5.
+    expected = [1.0, 0.0, 20.0 / 40.0, 1.0 / 1.5, 0.0, 0.0, 0.0]
+    assert strength.tolist() == pytest.approx(expected)
+    assert (strength[flags["anomaly"]] == 1.0).all()
+    assert ((strength >= 0) & (strength <= 1)).all()
+
+
+def test_zero_activation_ratio_turns_the_activation_rule_off():
+    crit = AnomalyCriteria(min_cluster_size=5, activation_ratio=0.0)
+    smallest, ch = torch.tensor([3, 3, 40]), torch.tensor([10.0, 1.0, 4.0], dtype=torch.float64)
+    act = torch.tensor([1e-3, 5.0, 1.0], dtype=torch.float64)
+    degenerate = torch.tensor([False, False, False])
+    flags = crit.flag(smallest, ch, act, degenerate)
+    # Filter 0 has the layer's lowest activation and is still flagged.
+    assert flags["high_activation"].all() and flags["anomaly"].tolist() == [True, False, False]
+    # The activation factor is 1 for all; filter 1 reaches 1/4 of the CH threshold (median 4).
+    assert crit.strength(smallest, ch, act, degenerate).tolist() == pytest.approx([1.0, 0.25, 0.0])

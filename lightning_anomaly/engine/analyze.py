@@ -19,7 +19,7 @@ from lightning_anomaly.engine.gradients import LossFn, per_sample_grad_norms
 from lightning_anomaly.engine.pca import batched_pca
 from lightning_anomaly.engine.reference import sklearn_cluster, sklearn_pca
 from lightning_anomaly.engine.scores import calinski_harabasz, cluster_sizes
-from lightning_anomaly.report import AnalysisReport, LayerReport, count_outliers
+from lightning_anomaly.report import AnalysisReport, LayerReport, count_outliers, score_outliers
 
 __all__ = ["analyze", "cluster_points"]
 
@@ -231,6 +231,7 @@ def analyze(
         layers=layer_reports,
         n_samples=n,
         outlier_counts=counts,
+        outlier_scores=score_outliers(layer_reports.values(), n, criteria),
         grad_norms=grads,
         criteria=criteria.to_dict(),
         backend=backend,

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from lightning_anomaly import AnalysisReport, AnomalyCriteria, analyze
+from lightning_anomaly.report import count_outliers, merge_reports, score_outliers
 
 
 class Planted(nn.Module):
@@ -168,3 +169,72 @@ def test_reflag_equals_a_fresh_analysis_with_the_new_rules():
     assert torch.equal(fresh.outlier_counts, again.outlier_counts)
     with pytest.raises(ValueError, match=r"reflag cannot change clustering settings \['k_range'\]"):
         fresh.reflag(AnomalyCriteria(k_range=(2, 3)))
+
+
+def test_outlier_scores_extend_the_counts_with_partial_credit():
+    model, x = Planted(), planted_probe()
+    report = analyze(model, x)
+    assert report.outlier_scores is not None and report.outlier_scores.dtype == torch.float64
+    # Every anomaly filter adds 1, so the score is never below the count...
+    assert (report.outlier_scores >= report.outlier_counts.double() - 1e-12).all()
+    # ...and here the triggered samples lead both rankings.
+    assert report.top_outliers(4) == [0, 1, 2, 3]
+    # A CH rule no filter meets: no anomaly, no count, but the planted filter still scores its
+    # tiny cluster by the share of the CH threshold it reaches.
+    strict = report.reflag(AnomalyCriteria(ch_ratio=1e6))
+    assert strict.anomaly_count == 0 and int(strict.outlier_counts.sum()) == 0
+    assert strict.outlier_scores is not None
+    top = strict.outlier_scores.argsort(descending=True)[:4].sort().values.tolist()
+    assert top == [0, 1, 2, 3] and float(strict.outlier_scores.max()) < 1.0
+    assert strict.top_outliers(4) == top
+
+
+def test_outlier_score_matches_a_per_filter_loop_on_a_trained_cnn(tiny_cnn, probe):
+    crit = AnomalyCriteria(min_cluster_fraction=0.2, ch_ratio=0.5, activation_ratio=0.5)
+    report = analyze(tiny_cnn, probe[0], criteria=crit)
+    n = report.n_samples
+    expected = torch.zeros(n, dtype=torch.float64)
+    counts = torch.zeros(n, dtype=torch.long)
+    for lr in report.layers.values():
+        strength = crit.strength(lr.min_cluster_size, lr.ch, lr.activation, lr.degenerate, n)
+        for f in range(lr.n_filters):
+            lab = lr.labels[f].long()
+            if lab.min() < 0:
+                continue
+            sizes = torch.bincount(lab)
+            smallest = int(torch.where(sizes > 0, sizes, torch.full_like(sizes, n + 1)).argmin())
+            expected += float(strength[f]) * (lab == smallest).double()
+            if lr.anomaly[f]:
+                counts += (lab == smallest).long()
+    assert float(expected.sum()) > 0
+    assert torch.allclose(report.outlier_scores, expected)
+    assert torch.equal(report.outlier_counts, counts)
+    assert torch.equal(count_outliers(report.layers.values(), n), counts)
+    assert torch.allclose(score_outliers(report.layers.values(), n, crit), expected)
+
+
+def test_outlier_scores_survive_round_trips_and_merges(tiny_cnn, probe):
+    report = analyze(tiny_cnn, probe[0], criteria=AnomalyCriteria(ch_ratio=0.5, activation_ratio=0.5))
+    back = AnalysisReport.from_dict(json.loads(json.dumps(report.to_dict(tensors="list"))))
+    assert back.outlier_scores is not None and torch.allclose(back.outlier_scores, report.outlier_scores)
+    names = list(report.layers)
+    parts = [
+        AnalysisReport(
+            layers=type(report.layers)((n, report.layers[n]) for n in group),
+            n_samples=report.n_samples,
+            outlier_counts=torch.zeros(report.n_samples, dtype=torch.long),
+            criteria=report.criteria,
+        )
+        for group in (names[:1], names[1:])
+    ]
+    merged = merge_reports(parts, names)
+    assert torch.allclose(merged.outlier_scores, report.outlier_scores)
+    assert torch.equal(merged.outlier_counts, report.outlier_counts)
+    # Reports saved before scores existed load with None and rank by count.
+    old = report.to_dict()
+    del old["outlier_scores"]
+    legacy = AnalysisReport.from_dict(old)
+    assert legacy.outlier_scores is None
+    assert (
+        legacy.top_outliers() == sorted(report.outlier_indices, key=lambda i: (-int(report.outlier_counts[i]), i))[:32]
+    )
