@@ -2,14 +2,18 @@
 
     python experiments/run_all.py [--seeds 3] [--epochs 30] [--out docs]
 
-Ground truths, on scikit-learn's digits upscaled to 16x16 (offline), a SmallCNN trained with Adam:
+Two settings, both offline, trained with Adam for 30 epochs:
+  digits  scikit-learn's 1,797 digits upscaled to 16x16, the demo's SmallCNN (3 conv layers, no BatchNorm);
+  shapes  1,800 generated 16x16 images of ten shapes at random positions, sizes and brightness with pixel
+          noise (`shapes_tensors`), the same CNN with BatchNorm after each conv.
+Ground truths, planted in the training split (`plant`):
   G1  label noise: 20% of training labels flipped; no regularisation.
   G2  backdoor: a 3x3 trigger stamped on 3% of training images, relabelled to class 0.
   G3  rare inputs: 3% of training images inverted (labels kept).
   C   control: clean labels, weight decay 1e-3 and shift augmentation.
 Every 3 epochs the package's own `analyze` runs on a fixed 256-sample probe (drawn uniformly, so
 planted samples appear at their natural share); other flagging rules are evaluated on the same
-clusterings with `AnalysisReport.reflag`.
+clusterings with `AnalysisReport.reflag`, and settings that change the clustering are analysed again.
 """
 
 from __future__ import annotations
@@ -29,9 +33,13 @@ from sklearn.metrics import roc_auc_score
 from lightning_anomaly import AnomalyCriteria, analyze
 from lightning_anomaly.ablation import ablate_filters
 from lightning_anomaly.demo import SmallCNN, digits_tensors
-from lightning_anomaly.demo.data import stamp_trigger
+from lightning_anomaly.demo.data import shapes_tensors, stamp_trigger
 from lightning_anomaly.demo.train import accuracy, train_plain
 
+DATASETS: dict[str, dict[str, Any]] = {
+    "digits": {"data": digits_tensors, "model": {}},
+    "shapes": {"data": shapes_tensors, "model": {"batch_norm": True}},
+}
 GROUND_TRUTHS: dict[str, dict[str, Any]] = {
     "G1 label noise": {"data": {"label_noise": 0.2}, "train": {}},
     "G2 backdoor": {"data": {"backdoor": 0.03}, "train": {}},
@@ -39,26 +47,46 @@ GROUND_TRUTHS: dict[str, dict[str, Any]] = {
     "C control": {"data": {}, "train": {"weight_decay": 1e-3, "augment": True}},
 }
 
-# Flagging rules compared on the same clusterings (E5). DEFAULT names the package default.
+
+# Flagging rules compared on the same clusterings (E5), every setting spelled out so that a change of
+# the package defaults does not change a row. DEFAULT names the package default (checked in main).
+def _rule(share: float, beta: float = 1.0, theta: float = 1.0, statistic: str = "median") -> AnomalyCriteria:
+    return AnomalyCriteria(
+        min_cluster_size=5,
+        min_cluster_fraction=share,
+        ch_ratio=beta,
+        activation_ratio=theta,
+        layer_statistic=statistic,  # type: ignore[arg-type]
+    )
+
+
 VARIANTS: dict[str, AnomalyCriteria] = {
     "paper (size<=5, mean)": AnomalyCriteria.paper(),
-    "size<=5, median": AnomalyCriteria(min_cluster_fraction=0.0),
-    "share 2%": AnomalyCriteria(min_cluster_fraction=0.02),
-    "share 5%": AnomalyCriteria(min_cluster_fraction=0.05),
-    "share 10%": AnomalyCriteria(min_cluster_fraction=0.10),
-    "share 20%": AnomalyCriteria(min_cluster_fraction=0.20),
-    "share 10%, beta 2": AnomalyCriteria(min_cluster_fraction=0.10, ch_ratio=2.0),
-    "share 10%, theta 0.5": AnomalyCriteria(min_cluster_fraction=0.10, activation_ratio=0.5),
-    "share 10%, beta 0.5, theta 0.5": AnomalyCriteria(min_cluster_fraction=0.10, ch_ratio=0.5, activation_ratio=0.5),
-    "share 10%, mean": AnomalyCriteria(min_cluster_fraction=0.10, layer_statistic="mean"),
+    "size<=5, median": _rule(0.0),
+    "share 2%": _rule(0.02),
+    "share 5%": _rule(0.05),
+    "share 10%": _rule(0.10),
+    "share 20%": _rule(0.20),
+    "share 10%, beta 2": _rule(0.10, beta=2.0),
+    "share 10%, theta 0.5": _rule(0.10, theta=0.5),
+    "share 10%, beta 0.5, theta 0.5": _rule(0.10, beta=0.5, theta=0.5),
+    "share 10%, mean": _rule(0.10, statistic="mean"),
+    "share 10%, no activation rule": _rule(0.10, theta=0.0),
+    "share 5%, theta 0.5": _rule(0.05, theta=0.5),
 }
-DEFAULT = "share 10%"
+DEFAULT = "share 10%, theta 0.5"
 
 
 def auroc(labels: np.ndarray, score: np.ndarray) -> float | None:
     if labels.all() or not labels.any() or np.all(score == score[0]):
         return None
     return float(roc_auc_score(labels, score))
+
+
+def precision_at_k(truth: np.ndarray, score: np.ndarray) -> float | None:
+    """Share of planted samples among the top-|planted| by score (ties by index); None without any."""
+    k = int(truth.sum())
+    return float(truth[np.argsort(-score, kind="stable")[:k]].mean()) if k else None
 
 
 def per_sample_baselines(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:
@@ -74,12 +102,23 @@ def attack_success(model: torch.nn.Module, xva: torch.Tensor, yva: torch.Tensor)
         return float((model.eval()(stamp_trigger(xva[yva != 0])).argmax(-1) == 0).float().mean())
 
 
-def run_one(name: str, spec: dict[str, Any], seed: int, epochs: int, every: int) -> dict[str, Any]:
-    xtr, ytr, xva, yva, planted = digits_tensors(seed=seed, **spec["data"])
+# Settings that change the clustering itself: analysed again at every analysis (E5, second table).
+CLUSTERING_VARIANTS: dict[str, dict[str, Any]] = {
+    "probe 128 (first half)": {"probe": 128},
+    "k in 2..4": {"criteria": AnomalyCriteria(k_range=(2, 4))},
+    "k in 2..8": {"criteria": AnomalyCriteria(k_range=(2, 8))},
+    "PCA to 1-D": {"criteria": AnomalyCriteria(n_components=1)},
+    "tap after ReLU": {"layers": [torch.nn.ReLU]},
+}
+
+
+def run_one(dataset: str, name: str, spec: dict[str, Any], seed: int, epochs: int, every: int) -> dict[str, Any]:
+    setting = DATASETS[dataset]
+    xtr, ytr, xva, yva, planted = setting["data"](seed=seed, **spec["data"])
     probe = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(1000 + seed))[:256]
     px, py, truth = xtr[probe], ytr[probe], planted[probe].numpy()
     torch.manual_seed(seed)
-    model = SmallCNN()
+    model = SmallCNN(**setting["model"])
     opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=spec["train"].get("weight_decay", 0.0))
     rows = []
     for epoch in range(1, epochs + 1):
@@ -108,23 +147,30 @@ def run_one(name: str, spec: dict[str, Any], seed: int, epochs: int, every: int)
         }
         for vname, crit in VARIANTS.items():
             r = report.reflag(crit)
-            out = r.outlier_counts.numpy() > 0
+            counts = r.outlier_counts.numpy()
+            scores = r.outlier_scores.numpy()
+            out = counts > 0
             mw = None
             if out.any() and (~out).any():
                 mw = float(mannwhitneyu(grads[out], grads[~out], alternative="greater").pvalue)
             row["variants"][vname] = {
                 "count": r.anomaly_count,
                 "outliers": int(out.sum()),
-                "auroc": auroc(truth, r.outlier_counts.numpy().astype(float)),
-                "precision_at_k": float(
-                    truth[np.argsort(-r.outlier_counts.numpy(), kind="stable")[: max(1, int(truth.sum()))]].mean()
-                ),
+                "auroc": auroc(truth, scores),
+                "auroc_count": auroc(truth, counts.astype(float)),
+                "precision_at_k": precision_at_k(truth, scores),
                 "grad_ratio": r.gradient_ratio,
                 "mw_p": mw,
             }
+        row["clustering"] = clustering_variants(model, px, truth, seed)
         rows.append(row)
-    result = {"ground_truth": name, "seed": seed, "rows": rows, "planted_in_probe": int(truth.sum())}
-    result["clustering_variants"] = clustering_variants(model, px, py, truth, seed)
+    result = {
+        "dataset": dataset,
+        "ground_truth": name,
+        "seed": seed,
+        "rows": rows,
+        "planted_in_probe": int(truth.sum()),
+    }
     if seed == 0:
         result["ablation"] = ablation(
             model, report.reflag(VARIANTS[DEFAULT]), xtr, ytr, xva, yva, "backdoor" in spec["data"]
@@ -132,26 +178,12 @@ def run_one(name: str, spec: dict[str, Any], seed: int, epochs: int, every: int)
     return result
 
 
-# Settings that change the clustering itself: re-analysed at the last epoch only (E5, second table).
-CLUSTERING_VARIANTS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "probe 128 (first half)": {"probe": 128},
-    "k in 2..4": {"criteria": AnomalyCriteria(k_range=(2, 4))},
-    "k in 2..8": {"criteria": AnomalyCriteria(k_range=(2, 8))},
-    "PCA to 1-D": {"criteria": AnomalyCriteria(n_components=1)},
-    "tap after ReLU": {"layers": [torch.nn.ReLU]},
-}
-
-
-def clustering_variants(model, px, py, truth, seed) -> dict[str, Any]:
+def clustering_variants(model, px, truth, seed) -> dict[str, Any]:
     out = {}
     for vname, spec in CLUSTERING_VARIANTS.items():
-        n = spec.get("probe", len(py))
+        n = spec.get("probe", len(px))
         report = analyze(model, px[:n], criteria=spec.get("criteria"), layers=spec.get("layers"), seed=seed)
-        out[vname] = {
-            "count": report.anomaly_count,
-            "auroc": auroc(truth[:n], report.outlier_counts.numpy().astype(float)),
-        }
+        out[vname] = {"count": report.anomaly_count, "auroc": auroc(truth[:n], report.outlier_scores.numpy())}
     return out
 
 
@@ -171,40 +203,57 @@ def ablation(model, report, xtr, ytr, xva, yva, backdoor: bool) -> dict[str, Any
     return out
 
 
+def column(gt: str, dataset: str) -> str:
+    return f"{gt.split()[0]} {dataset}"
+
+
+COLUMNS = [(gt, ds) for gt in GROUND_TRUTHS for ds in DATASETS]
+
+
+def _rho(counts: list[int], gaps: list[float]) -> float | None:
+    return float(spearmanr(counts, gaps).statistic) if len(set(counts)) > 1 else None
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
-    for gt in GROUND_TRUTHS:
-        runs = [r for r in results if r["ground_truth"] == gt]
+    for gt, ds in COLUMNS:
+        runs = [r for r in results if r["ground_truth"] == gt and r["dataset"] == ds]
+        gaps = [[row["gap"] for row in run["rows"]] for run in runs]
         per_variant = {}
         for vname in VARIANTS:
-            rhos, finals, aucs, ratios, counts = [], [], [], [], []
-            for run in runs:
-                counts_run = [row["variants"][vname]["count"] for row in run["rows"]]
-                gaps = [row["gap"] for row in run["rows"]]
-                if len(set(counts_run)) > 1:
-                    rhos.append(spearmanr(counts_run, gaps).statistic)
-                counts.append(counts_run)
-                last = run["rows"][-1]["variants"][vname]
-                if last["auroc"] is not None:
-                    aucs.append(last["auroc"])
-                if last["grad_ratio"] is not None:
-                    ratios.append(last["grad_ratio"])
-                finals.append(last["count"])
+            counts = [[row["variants"][vname]["count"] for row in run["rows"]] for run in runs]
+            rhos = [_rho(c, g) for c, g in zip(counts, gaps, strict=True)]
+            last = [run["rows"][-1]["variants"][vname] for run in runs]
             per_variant[vname] = {
-                "spearman_count_gap": float(np.mean(rhos)) if rhos else None,
-                "runs_with_varying_count": len(rhos),
-                "final_count": float(np.mean(finals)),
+                "spearman_count_gap": _mean(rhos),
+                "runs_with_varying_count": sum(r is not None for r in rhos),
+                "final_count": float(np.mean([c[-1] for c in counts])),
                 "count_range": [int(min(min(c) for c in counts)), int(max(max(c) for c in counts))],
-                "final_auroc": float(np.mean(aucs)) if aucs else None,
-                "final_grad_ratio": float(np.mean(ratios)) if ratios else None,
+                "final_auroc": _mean([v["auroc"] for v in last]),
+                "final_auroc_count": _mean([v["auroc_count"] for v in last]),
+                "final_precision_at_k": _mean([v["precision_at_k"] for v in last]),
+                "final_grad_ratio": _mean([v["grad_ratio"] for v in last]),
             }
-        base = {}
-        for b in ("loss", "EL2N", "GraNd"):
-            vals = [
-                run["rows"][-1]["baseline_auroc"][b] for run in runs if run["rows"][-1]["baseline_auroc"][b] is not None
-            ]
-            base[b] = float(np.mean(vals)) if vals else None
-        summary[gt] = {"variants": per_variant, "baselines": base}
+        clustering = {}
+        for vname in CLUSTERING_VARIANTS:
+            counts = [[row["clustering"][vname]["count"] for row in run["rows"]] for run in runs]
+            clustering[vname] = {
+                "spearman_count_gap": _mean([_rho(c, g) for c, g in zip(counts, gaps, strict=True)]),
+                "count_range": [int(min(min(c) for c in counts)), int(max(max(c) for c in counts))],
+                "final_auroc": _mean([run["rows"][-1]["clustering"][vname]["auroc"] for run in runs]),
+            }
+        base = {b: _mean([run["rows"][-1]["baseline_auroc"][b] for run in runs]) for b in ("loss", "EL2N", "GraNd")}
+        summary[column(gt, ds)] = {
+            "variants": per_variant,
+            "clustering": clustering,
+            "baselines": base,
+            "final_gap": float(np.mean([g[-1] for g in gaps])),
+        }
     return summary
 
 
@@ -220,68 +269,98 @@ def plots(results: list[dict[str, Any]], out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = []
-    fig, axes = plt.subplots(1, len(GROUND_TRUTHS), figsize=(4 * len(GROUND_TRUTHS), 3.2), sharey=False)
-    for ax, gt in zip(axes, GROUND_TRUTHS, strict=True):
-        for run in (r for r in results if r["ground_truth"] == gt):
-            ep = [row["epoch"] for row in run["rows"]]
-            ax.plot(ep, [row["variants"][DEFAULT]["count"] for row in run["rows"]], color="C3", alpha=0.8)
-            ax2 = ax.twinx() if run["seed"] == 0 else None
-            if ax2 is not None:
-                ax2.plot(ep, [row["gap"] for row in run["rows"]], color="C0", ls="--")
-                ax2.set_ylabel("train-val gap (seed 0)", color="C0")
-        ax.set_title(gt)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(f"anomaly filters ({DEFAULT})", color="C3")
+    fig, axes = plt.subplots(
+        len(DATASETS), len(GROUND_TRUTHS), figsize=(4 * len(GROUND_TRUTHS), 3.0 * len(DATASETS)), squeeze=False
+    )
+    for row_axes, ds in zip(axes, DATASETS, strict=True):
+        for ax, gt in zip(row_axes, GROUND_TRUTHS, strict=True):
+            for run in (r for r in results if r["ground_truth"] == gt and r["dataset"] == ds):
+                ep = [row["epoch"] for row in run["rows"]]
+                ax.plot(ep, [row["variants"][DEFAULT]["count"] for row in run["rows"]], color="C3", alpha=0.8)
+                if run["seed"] == 0:
+                    ax2 = ax.twinx()
+                    ax2.plot(ep, [row["gap"] for row in run["rows"]], color="C0", ls="--")
+                    ax2.set_ylabel("train-val gap (seed 0)", color="C0")
+            ax.set_title(f"{gt}, {ds}")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("anomaly filters", color="C3")
     fig.tight_layout()
-    fig.savefig(out / "e1_count_vs_gap.png", dpi=90)
+    fig.savefig(out / "e1_count_vs_gap.png", dpi=80)
     plt.close(fig)
-    names.append("e1_count_vs_gap.png")
-    return names
+    return ["e1_count_vs_gap.png"]
+
+
+def _table(header: str, rows: list[tuple[str, list[str]]]) -> list[str]:
+    cols = [column(gt, ds) for gt, ds in COLUMNS]
+    lines = [f"| {header} | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows]
+    return lines
 
 
 def write_markdown(results, summary, out: Path, figures: list[str], command: str, seconds: float) -> None:
+    cols = [column(gt, ds) for gt, ds in COLUMNS]
     lines = [
         "# Evidence: anomaly filters against planted ground truth",
         "",
         f"Generated by `{command}` in {seconds / 60:.1f} min on a 2-core CPU (torch {torch.__version__}). Every number",
-        "below comes from `results.json` next to this file, written by the same run.",
+        "below comes from `results.json` next to this file, written by the same run. Columns: ground truth and setting",
+        "(G1 label noise, G2 backdoor, G3 rare inputs, C control; digits or shapes), 3 seeds each unless noted.",
         "",
         "\n\n".join((__doc__ or "").split("\n\n")[2:]).strip(),
+        "",
+        "Final train-val accuracy gap (mean over seeds): "
+        + ", ".join(f"{c} {summary[c]['final_gap']:.2f}" for c in cols)
+        + ".",
         "",
         "## E1 (H1): does the anomaly count follow overfitting?",
         "",
         "Spearman correlation of the anomaly-filter count with the train-val accuracy gap over the analyses of",
-        "one run, averaged over seeds (runs where the count never changes have no correlation and are left out).",
+        "one run, averaged over seeds (runs where the count never changes have no correlation and are left out),",
+        "with the range of the count over all analyses.",
         "",
-        "| rule | " + " | ".join(GROUND_TRUTHS) + " |",
-        "|---|" + "---|" * len(GROUND_TRUTHS),
     ]
-    for v in VARIANTS:
-        cells = []
-        for gt in GROUND_TRUTHS:
-            s = summary[gt]["variants"][v]
-            cells.append(f"{fmt(s['spearman_count_gap'])} (count {s['count_range'][0]}-{s['count_range'][1]})")
-        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    lines += _table(
+        "rule",
+        [
+            (
+                v,
+                [
+                    f"{fmt(summary[c]['variants'][v]['spearman_count_gap'])} "
+                    f"({summary[c]['variants'][v]['count_range'][0]}-{summary[c]['variants'][v]['count_range'][1]})"
+                    for c in cols
+                ],
+            )
+            for v in VARIANTS
+        ],
+    )
     lines += ["", *[f"![{f}]({f})" for f in figures], ""]
     lines += [
         "## E4 (beyond the paper): are the outlier samples the planted ones?",
         "",
-        "AUROC, at the last analysis, of the per-sample outlier score (how many anomaly filters single a probe",
-        "sample out) for the planted samples in the probe, against per-sample loss, EL2N and gradient norm (GraNd).",
+        "AUROC, at the last analysis, for the planted samples in the probe, of the continuous outlier score",
+        "(`AnalysisReport.outlier_scores`: summed strength of the filters whose tiny cluster holds the sample)",
+        "and, in brackets, of the count of anomaly filters singling the sample out (the paper's reading);",
+        "against per-sample loss, EL2N and gradient norm (GraNd). `-`: undefined (no planted sample, or a",
+        "constant score).",
         "",
-        "| rule | " + " | ".join(GROUND_TRUTHS) + " |",
-        "|---|" + "---|" * len(GROUND_TRUTHS),
     ]
-    for v in VARIANTS:
-        lines.append(
-            f"| {v} | " + " | ".join(fmt(summary[gt]["variants"][v]["final_auroc"]) for gt in GROUND_TRUTHS) + " |"
+    rows = [
+        (
+            v,
+            [
+                f"{fmt(summary[c]['variants'][v]['final_auroc'])} ({fmt(summary[c]['variants'][v]['final_auroc_count'])})"
+                for c in cols
+            ],
         )
-    for b in ("loss", "EL2N", "GraNd"):
-        lines.append(
-            f"| baseline: {b} | " + " | ".join(fmt(summary[gt]["baselines"][b]) for gt in GROUND_TRUTHS) + " |"
-        )
+        for v in VARIANTS
+    ]
+    rows += [(f"baseline: {b}", [fmt(summary[c]["baselines"][b]) for c in cols]) for b in ("loss", "EL2N", "GraNd")]
+    lines += _table("rule", rows)
     lines += [
+        "",
+        f"Precision at k (k = planted samples in the probe) of the outlier score, {DEFAULT}: "
+        + ", ".join(f"{c} {fmt(summary[c]['variants'][DEFAULT]['final_precision_at_k'])}" for c in cols)
+        + ".",
         "",
         "## E2 (H2): do outlier samples have larger gradient norms?",
         "",
@@ -291,11 +370,17 @@ def write_markdown(results, summary, out: Path, figures: list[str], command: str
         "| ground truth | ratio | analyses with p < 0.05 |",
         "|---|---|---|",
     ]
-    for gt in GROUND_TRUTHS:
-        ps = [row["variants"][DEFAULT]["mw_p"] for r in results if r["ground_truth"] == gt for row in r["rows"]]
+    for gt, ds in COLUMNS:
+        ps = [
+            row["variants"][DEFAULT]["mw_p"]
+            for r in results
+            if r["ground_truth"] == gt and r["dataset"] == ds
+            for row in r["rows"]
+        ]
         tested = [p for p in ps if p is not None]
         share = f"{sum(p < 0.05 for p in tested)}/{len(tested)}" if tested else "-"
-        lines.append(f"| {gt} | {fmt(summary[gt]['variants'][DEFAULT]['final_grad_ratio'])} | {share} |")
+        c = column(gt, ds)
+        lines.append(f"| {c} | {fmt(summary[c]['variants'][DEFAULT]['final_grad_ratio'])} | {share} |")
     lines += [
         "",
         "## E3 (H3): masking anomaly filters vs the same number of random or lowest-L1 filters",
@@ -303,89 +388,99 @@ def write_markdown(results, summary, out: Path, figures: list[str], command: str
         f"Seed 0, after the last epoch, anomaly filters by {DEFAULT}; change in accuracy (and for G2 in attack",
         "success rate, the `trigger` column: accuracy of predicting the target class on triggered validation images).",
         "",
-        "| ground truth | filters | masked | train | val | trigger |",
+        "| run | filters | masked | train | val | trigger |",
         "|---|---|---|---|---|---|",
     ]
     for r in results:
         ab = r.get("ablation")
         if not ab:
             continue
+        c = column(r["ground_truth"], r["dataset"])
         if ab["n"] == 0:
-            lines.append(f"| {r['ground_truth']} | 0 | - | - | - | - |")
+            lines.append(f"| {c} | 0 | - | - | - | - |")
             continue
         for kind in ("anomaly", "random", "l1"):
             d = ab[kind]
             lines.append(
-                f"| {r['ground_truth']} | {ab['n']} | {kind} | {d['train']:+.3f} | {d['val']:+.3f} | "
+                f"| {c} | {ab['n']} | {kind} | {d['train']:+.3f} | {d['val']:+.3f} | "
                 f"{fmt(d.get('trigger'), 3) if 'trigger' in d else '-'} |"
             )
-    asr = [row.get("asr") for r in results if r["ground_truth"] == "G2 backdoor" for row in r["rows"][-1:]]
-    lines += ["", f"Attack success rate at the end of training (G2, per seed): {', '.join(fmt(a) for a in asr)}.", ""]
+    asr = [
+        f"{r['dataset']} {fmt(row.get('asr'))}"
+        for r in results
+        if r["ground_truth"] == "G2 backdoor"
+        for row in r["rows"][-1:]
+    ]
+    lines += ["", f"Attack success rate at the end of training (G2, per seed): {', '.join(asr)}.", ""]
     lines += [
         "## E5: sensitivity",
         "",
         "The rows of the E1 and E4 tables are the sensitivity study over the flagging rules (cluster-size bound",
         "in samples and as a share of the probe, beta, theta, median vs mean), evaluated on the same clusterings.",
-        "Settings that change the clustering itself were re-analysed on the last epoch's model only (so no E1",
-        "correlation for them): mean AUROC of the outlier score for the planted samples, and mean anomaly count.",
+        "Settings that change the clustering itself were analysed again at every analysis: E1 Spearman correlation",
+        "/ E4 AUROC of the outlier score at the last analysis (count range in brackets); compare with the",
+        f"'{DEFAULT}' rows above.",
         "",
-        "| clustering | " + " | ".join(GROUND_TRUTHS) + " |",
-        "|---|" + "---|" * len(GROUND_TRUTHS),
     ]
-    for vname in CLUSTERING_VARIANTS:
-        cells = []
-        for gt in GROUND_TRUTHS:
-            vals = [r["clustering_variants"][vname] for r in results if r["ground_truth"] == gt]
-            aucs = [v["auroc"] for v in vals if v["auroc"] is not None]
-            cells.append(f"{fmt(float(np.mean(aucs)) if aucs else None)} ({np.mean([v['count'] for v in vals]):.1f})")
-        lines.append(f"| {vname} | " + " | ".join(cells) + " |")
-    lines += ["", *targets(summary, results), ""]
+    lines += _table(
+        "clustering",
+        [
+            (
+                v,
+                [
+                    f"{fmt(summary[c]['clustering'][v]['spearman_count_gap'])} / "
+                    f"{fmt(summary[c]['clustering'][v]['final_auroc'])} "
+                    f"({summary[c]['clustering'][v]['count_range'][0]}-{summary[c]['clustering'][v]['count_range'][1]})"
+                    for c in cols
+                ],
+            )
+            for v in CLUSTERING_VARIANTS
+        ],
+    )
+    lines += ["", *targets(summary), ""]
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
 
 
-def targets(summary: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
-    """The issue's targets for the package defaults, checked against this run's numbers."""
-    d = {gt: summary[gt]["variants"][DEFAULT] for gt in GROUND_TRUTHS}
-    e1 = [d[gt]["spearman_count_gap"] for gt in ("G1 label noise", "G2 backdoor")]
-    e1_ok = all(v is not None and v >= 0.5 for v in e1)
-    e1_any = [
-        vname
-        for vname in VARIANTS
-        if all(
-            (v := summary[gt]["variants"][vname]["spearman_count_gap"]) is not None and v >= 0.5
-            for gt in ("G1 label noise", "G2 backdoor")
-        )
-    ]
-    ctl = d["C control"]["count_range"]
-    e4 = {gt: d[gt]["final_auroc"] for gt in ("G2 backdoor", "G3 rare inputs")}
-    e4_ok = all(v is not None and v >= 0.8 for v in e4.values())
-    beats = [
-        gt
-        for gt in GROUND_TRUTHS
-        if d[gt]["final_auroc"] is not None
-        and all(b is None or d[gt]["final_auroc"] > b for b in summary[gt]["baselines"].values())
-    ]
-    best = max(
-        (
-            (v, gt, vname)
+def targets(summary: dict[str, Any]) -> list[str]:
+    """The issue's targets for the package defaults, checked against this run's numbers, per setting."""
+    lines = [f"## Targets for the defaults ({DEFAULT})", ""]
+    for ds in DATASETS:
+        d = {gt: summary[column(gt, ds)]["variants"][DEFAULT] for gt in GROUND_TRUTHS}
+        e1 = [d[gt]["spearman_count_gap"] for gt in ("G1 label noise", "G2 backdoor")]
+        e1_ok = all(v is not None and v >= 0.5 for v in e1)
+        e1_any = [
+            vname
             for vname in VARIANTS
-            for gt in ("G2 backdoor",)
-            if (v := summary[gt]["variants"][vname]["final_auroc"]) is not None
-        ),
-        default=None,
-    )
-    return [
-        f"## Targets for the defaults ({DEFAULT})",
+            if all(
+                (v := summary[column(gt, ds)]["variants"][vname]["spearman_count_gap"]) is not None and v >= 0.5
+                for gt in ("G1 label noise", "G2 backdoor")
+            )
+        ]
+        ctl = d["C control"]["count_range"]
+        e4 = {gt: d[gt]["final_auroc"] for gt in ("G2 backdoor", "G3 rare inputs")}
+        e4_ok = all(v is not None and v >= 0.8 for v in e4.values())
+        beats = [
+            gt
+            for gt in GROUND_TRUTHS
+            if d[gt]["final_auroc"] is not None
+            and all(b is None or d[gt]["final_auroc"] > b for b in summary[column(gt, ds)]["baselines"].values())
+        ]
+        lines += [
+            f"{ds}:",
+            f"- E1, Spearman >= 0.5 in G1 and G2 with a flat control: **{'met' if e1_ok else 'not met'}** "
+            f"(G1 {fmt(e1[0])}, G2 {fmt(e1[1])}; control count ranges over {ctl[0]}-{ctl[1]}). Rules in the E1 "
+            f"table reaching 0.5 on both: {', '.join(e1_any) if e1_any else 'none'}.",
+            f"- E4, AUROC of the outlier score >= 0.8 on G2 and G3: **{'met' if e4_ok else 'not met'}** "
+            f"(G2 {fmt(e4['G2 backdoor'])}, G3 {fmt(e4['G3 rare inputs'])}); above the best baseline on: "
+            f"{', '.join(beats) if beats else 'none'}.",
+        ]
+    lines += [
         "",
-        f"- E1, Spearman >= 0.5 in G1 and G2 with a flat control: **{'met' if e1_ok else 'not met'}** "
-        f"(G1 {fmt(e1[0])}, G2 {fmt(e1[1])}; control count ranges over {ctl[0]}-{ctl[1]}). Rules in the E1 table "
-        f"reaching 0.5 on both: {', '.join(e1_any) if e1_any else 'none'}.",
-        f"- E4, AUROC >= 0.8 on G2 and G3: **{'met' if e4_ok else 'not met'}** (G2 {fmt(e4['G2 backdoor'])}, "
-        f"G3 {fmt(e4['G3 rare inputs'])}); above the best baseline on: {', '.join(beats) if beats else 'none'}."
-        + (f" The best rule tried on G2 is '{best[2]}' at {best[0]:.2f}." if best else ""),
-        "- Tried: cluster-size bounds from 5 samples to 20% of the probe, beta and theta from 0.5 to 2, median and mean",
-        "  layer statistics, k up to 8, PCA to 1-D, a half-size probe and tapping after the ReLU (E5).",
+        "Tried: cluster-size bounds from 5 samples to 20% of the probe, beta and theta from 0.5 to 2 and no",
+        "activation rule, median and mean layer statistics, k up to 4 and up to 8, PCA to 1-D, a half-size probe,",
+        "tapping after the ReLU (E5), and the count vs the continuous score (E4).",
     ]
+    return lines
 
 
 def main() -> None:
@@ -393,23 +488,35 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--every", type=int, default=3)
+    p.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated subset of: " + ", ".join(DATASETS))
     p.add_argument("--out", default="docs")
     args = p.parse_args()
+    if VARIANTS[DEFAULT] != AnomalyCriteria():
+        raise SystemExit(f"DEFAULT ({DEFAULT!r}) is no longer the package default {AnomalyCriteria()}; update VARIANTS")
+    chosen = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    unknown = [d for d in chosen if d not in DATASETS]
+    if unknown:
+        p.error(f"unknown data sets {unknown}; choose from {list(DATASETS)}")
+    for name in list(DATASETS):
+        if name not in chosen:
+            del DATASETS[name]
+    COLUMNS[:] = [(gt, ds) for gt in GROUND_TRUTHS for ds in DATASETS]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results = []
-    for name, spec in GROUND_TRUTHS.items():
-        for seed in range(args.seeds):
-            t0 = time.perf_counter()
-            results.append(run_one(name, spec, seed, args.epochs, args.every))
-            last = results[-1]["rows"][-1]
-            print(
-                f"{name} seed {seed}: train {last['train_acc']:.3f} val {last['val_acc']:.3f} "
-                f"count {last['variants'][DEFAULT]['count']} auroc {fmt(last['variants'][DEFAULT]['auroc'])} "
-                f"({time.perf_counter() - t0:.0f} s)",
-                flush=True,
-            )
+    for ds in DATASETS:
+        for name, spec in GROUND_TRUTHS.items():
+            for seed in range(args.seeds):
+                t0 = time.perf_counter()
+                results.append(run_one(ds, name, spec, seed, args.epochs, args.every))
+                last = results[-1]["rows"][-1]
+                print(
+                    f"{ds} {name} seed {seed}: train {last['train_acc']:.3f} val {last['val_acc']:.3f} "
+                    f"count {last['variants'][DEFAULT]['count']} auroc {fmt(last['variants'][DEFAULT]['auroc'])} "
+                    f"({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
     summary = summarise(results)
     (out / "results.json").write_text(json.dumps({"results": results, "summary": summary}, default=float))
     figures = plots(results, out)
@@ -417,9 +524,10 @@ def main() -> None:
         "python experiments/run_all.py"
         + (f" --seeds {args.seeds}" if args.seeds != 3 else "")
         + (f" --epochs {args.epochs}" if args.epochs != 30 else "")
+        + (f" --datasets {','.join(DATASETS)}" if len(DATASETS) != 2 else "")
     )
     write_markdown(results, summary, out, figures, command, time.perf_counter() - start)
-    print(json.dumps({gt: s["variants"][DEFAULT] for gt, s in summary.items()}))
+    print(json.dumps({c: s["variants"][DEFAULT] for c, s in summary.items()}))
 
 
 if __name__ == "__main__":

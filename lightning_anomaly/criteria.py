@@ -99,9 +99,10 @@ class AnomalyCriteria:
     Degenerate filters (constant, dead, non-finite maps) are never flagged and never enter it.
 
     Defaults come from ``docs/RESULTS.md``: the paper's literal reading (:meth:`paper`: at most 5
-    samples, layer means) flagged no filter in any planted ground truth, while a tiny cluster of up
-    to 10% of the probe gives non-trivial counts everywhere and recovers planted rare inputs
-    (E1 and E4 tables).
+    samples, layer means, beta = theta = 1) flagged no filter in any planted ground truth, while a
+    tiny cluster of up to 10% of the probe gives non-trivial counts everywhere (E1 table); half the
+    typical activation (theta = 0.5) recovers planted backdoor samples where theta = 1 misses them,
+    because a filter that answers a rare trigger is quiet on most of the probe (E4 table).
 
     Example::
 
@@ -140,7 +141,7 @@ class AnomalyCriteria:
     min_cluster_size: int = 5
     min_cluster_fraction: float = 0.1
     ch_ratio: float = 1.0
-    activation_ratio: float = 1.0
+    activation_ratio: float = 0.5
     k_range: tuple[int, int] = (2, 6)
     n_components: int = 2
     layer_statistic: LayerStatistic = "median"
