@@ -239,13 +239,15 @@ class AnalysisReport:
     def top_outliers(self, k: int = 32) -> list[int]:
         """Probe indices of up to ``k`` suspicious samples, most suspicious first.
 
-        Ranked by ``outlier_scores`` (then by count, then index); samples with a zero score are
-        left out. Without scores, by ``outlier_counts``.
+        Ranked by ``outlier_counts`` (how many anomaly filters single a sample out), ties broken by
+        ``outlier_scores`` (the near-misses), then by index; samples with neither are left out.
+        At the top, the count ranks planted samples better than the graded score, which adds up
+        many weak filters; below it, the score orders the samples that the count ties.
         """
         counts = self.outlier_counts.tolist()
-        scores = self.outlier_scores.tolist() if self.outlier_scores is not None else [float(c) for c in counts]
-        order = sorted(range(len(counts)), key=lambda i: (-scores[i], -counts[i], i))
-        return [i for i in order[:k] if scores[i] > 0]
+        scores = self.outlier_scores.tolist() if self.outlier_scores is not None else [0.0] * len(counts)
+        order = sorted(range(len(counts)), key=lambda i: (-counts[i], -scores[i], i))
+        return [i for i in order[:k] if counts[i] > 0 or scores[i] > 0]
 
     @property
     def outlier_grad_norm(self) -> float | None:
