@@ -482,13 +482,17 @@ def _from_plain(v: Any) -> float:
 
 
 def _to_list(t: Tensor) -> list[Any]:
-    if t.is_floating_point():
-        return (
-            [None if not math.isfinite(v) else v for v in t.flatten().tolist()]
-            if t.ndim == 1
-            else [_to_list(r) for r in t]
-        )
-    return t.tolist()
+    """``t.tolist()``, with NaN and infinities as ``None`` (JSON has neither)."""
+    values = t.tolist()
+    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+        return values
+    return _none_for_nonfinite(values)
+
+
+def _none_for_nonfinite(values: Any) -> Any:
+    if isinstance(values, list):
+        return [_none_for_nonfinite(v) for v in values]
+    return values if math.isfinite(values) else None
 
 
 def _fmt(v: float | None) -> str:

@@ -475,9 +475,14 @@ class AnomalyFilterCallback(Callback):
         if not self.history or trainer.sanity_checking:
             return
         last = self.history[-1]
+        changed = False
         if last["epoch"] == trainer.current_epoch - 1 or last["epoch"] == trainer.current_epoch:
-            last["metrics"] = {**last.get("metrics", {}), **self._metric_snapshot(trainer)}
-        self._write_history(trainer)
+            metrics = {**last.get("metrics", {}), **self._metric_snapshot(trainer)}
+            changed = metrics != last.get("metrics")
+            last["metrics"] = metrics
+        path = self.history_path(trainer)  # on every rank, unconditionally: a collective under DDP
+        if changed:  # metrics need not agree across ranks, so this decides nothing collective
+            self._write_history(trainer, path)
 
     def history_path(self, trainer: Trainer) -> Path | None:
         """Where the JSON history goes: the Trainer's log directory (``None`` when disabled).
@@ -501,9 +506,10 @@ class AnomalyFilterCallback(Callback):
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"inputs": x, "targets": y, "indices": self.probe_indices}, path.with_name(PROBE_FILE))
 
-    def _write_history(self, trainer: Trainer) -> None:
+    def _write_history(self, trainer: Trainer, path: Path | Literal["ask"] | None = "ask") -> None:
         # Every rank must ask: Trainer.log_dir is a collective under DDP. Only rank 0 writes.
-        path = self.history_path(trainer)
+        if path == "ask":
+            path = self.history_path(trainer)
         if path is None or not trainer.is_global_zero:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
