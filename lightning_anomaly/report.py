@@ -114,7 +114,16 @@ class LayerReport:
         return self.small_cluster_masks(torch.tensor([filter_index]))[0]
 
     def small_cluster_masks(self, filters: Tensor) -> Tensor:
-        """Bool ``(F, N)``: for each filter index in ``filters``, the members of its smallest cluster."""
+        """Bool ``(F, N)``: for each filter index in ``filters``, the members of its smallest cluster.
+
+        Raises:
+            ValueError: The report was saved without labels (``to_dict(labels=False)``).
+        """
+        if self.labels.shape[-1] == 0 and self.n_filters > 0:
+            raise ValueError(
+                f"layer {self.name!r} has no cluster labels (saved with to_dict(labels=False), as in the JSON "
+                "history); use a report saved with labels, e.g. the callback's last_report or state_dict"
+            )
         lab = self.labels[filters].long()  # (F, N), -1 where degenerate
         if lab.numel() == 0:
             return torch.zeros(lab.shape, dtype=torch.bool)

@@ -7,7 +7,7 @@ from lightning_anomaly.demo.data import SHAPE_NAMES, digits_tensors, plant, shap
 def test_plant_changes_exactly_the_planted_training_samples():
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(400, 1, 8, 8, generator=g) * 2 - 1, torch.arange(400) % 4
-    xtr, ytr, xva, yva, planted = plant(x, y, label_noise=0.1, backdoor=0.05, rare=0.05, seed=3)
+    xtr, ytr, _xva, yva, planted = plant(x, y, label_noise=0.1, backdoor=0.05, rare=0.05, seed=3)
     assert len(ytr) + len(yva) == 400 and planted.shape == ytr.shape
     # Recover each training sample's original by matching it among the inputs.
     clean_tr, _, _, _, none = plant(x, y, seed=3)
@@ -25,7 +25,7 @@ def test_plant_changes_exactly_the_planted_training_samples():
 
 
 def test_digits_split_is_stable_and_planted_share_matches():
-    xtr, ytr, xva, yva, planted = digits_tensors(label_noise=0.2, seed=1)
+    xtr, _ytr, _xva, yva, planted = digits_tensors(label_noise=0.2, seed=1)
     assert xtr.shape == (1258, 1, 16, 16) and len(yva) == 539
     assert 0.15 < planted.float().mean() < 0.25
     again = digits_tensors(label_noise=0.2, seed=1)

@@ -238,3 +238,11 @@ def test_outlier_scores_survive_round_trips_and_merges(tiny_cnn, probe):
     assert (
         legacy.top_outliers() == sorted(report.outlier_indices, key=lambda i: (-int(report.outlier_counts[i]), i))[:32]
     )
+
+
+def test_reflag_of_a_report_saved_without_labels_names_the_fix():
+    report = analyze(Planted(), planted_probe())
+    light = AnalysisReport.from_dict(report.to_dict(tensors="list", labels=False))
+    assert light.anomaly_count == report.anomaly_count  # flags survive, labels do not
+    with pytest.raises(ValueError, match=r"no cluster labels .*to_dict\(labels=False\)"):
+        light.reflag(AnomalyCriteria(ch_ratio=2.0))
