@@ -56,13 +56,21 @@ def test_round_trip():
     assert AnomalyCriteria.from_dict(c.to_dict()) == c
 
 
-def test_truth_table():
-    crit = AnomalyCriteria(min_cluster_size=5, ch_ratio=2.0, activation_ratio=1.5)
-    # Filters: 0 all three; 1 not unbalanced; 2 CH too low; 3 activation too low; 4 degenerate with all.
+TRUTH_TABLE_CRITERIA = AnomalyCriteria(min_cluster_size=5, ch_ratio=2.0, activation_ratio=1.5)
+
+
+def truth_table_layer() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Filters: 0 all three; 1 not unbalanced; 2 CH too low; 3 activation too low; 4 degenerate with all."""
     smallest = torch.tensor([3, 40, 3, 3, 3, 30, 30])
     ch = torch.tensor([100.0, 100.0, 20.0, 100.0, 1e16, 10.0, 10.0], dtype=torch.float64)
     act = torch.tensor([10.0, 10.0, 10.0, 1.0, 50.0, 1.0, 1.0], dtype=torch.float64)
     degenerate = torch.tensor([False, False, False, False, True, False, False])
+    return smallest, ch, act, degenerate
+
+
+def test_truth_table():
+    crit = TRUTH_TABLE_CRITERIA
+    smallest, ch, act, degenerate = truth_table_layer()
     flags = crit.flag(smallest, ch, act, degenerate)
     # Typical CH is the median over non-degenerate filters (20), unaffected by the 1e16 outlier.
     assert crit.typical(ch, ~degenerate) == 20.0
@@ -90,13 +98,8 @@ def test_fraction_bound():
 
 
 def test_strength_grades_the_rules_and_is_one_exactly_for_full_passes():
-    crit = AnomalyCriteria(min_cluster_size=5, ch_ratio=2.0, activation_ratio=1.5)
-    # Same filters as the truth table: 0 passes all; 1 has no tiny cluster; 2 reaches half the CH
-    # threshold; 3 reaches 1/1.5 of the activation threshold... and 4 is degenerate.
-    smallest = torch.tensor([3, 40, 3, 3, 3, 30, 30])
-    ch = torch.tensor([100.0, 100.0, 20.0, 100.0, 1e16, 10.0, 10.0], dtype=torch.float64)
-    act = torch.tensor([10.0, 10.0, 10.0, 1.0, 50.0, 1.0, 1.0], dtype=torch.float64)
-    degenerate = torch.tensor([False, False, False, False, True, False, False])
+    crit = TRUTH_TABLE_CRITERIA
+    smallest, ch, act, degenerate = truth_table_layer()
     strength = crit.strength(smallest, ch, act, degenerate)
     flags = crit.flag(smallest, ch, act, degenerate)
     # Typical CH 20 -> threshold 40; typical activation 1 -> threshold 1.5.

@@ -442,7 +442,7 @@ class AnomalyFilterCallback(Callback):
             for lg in trainer.loggers:
                 if isinstance(lg, TensorBoardLogger):
                     self._tensorboard(trainer, lg, report)
-        self._write_history(trainer)
+        self._write_history(trainer, self.history_path(trainer))
         if self.verbose:
             ratio = summary["gradient_ratio"]
             rank_zero_info(
@@ -506,10 +506,9 @@ class AnomalyFilterCallback(Callback):
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"inputs": x, "targets": y, "indices": self.probe_indices}, path.with_name(PROBE_FILE))
 
-    def _write_history(self, trainer: Trainer, path: Path | Literal["ask"] | None = "ask") -> None:
-        # Every rank must ask: Trainer.log_dir is a collective under DDP. Only rank 0 writes.
-        if path == "ask":
-            path = self.history_path(trainer)
+    def _write_history(self, trainer: Trainer, path: Path | None) -> None:
+        # ``path`` comes from history_path, which every rank must call (Trainer.log_dir is a collective
+        # under DDP). Only rank 0 writes.
         if path is None or not trainer.is_global_zero:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
