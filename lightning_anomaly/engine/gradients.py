@@ -8,9 +8,10 @@ Three methods give the same numbers:
   per-sample weight gradient is ``G_i = D_i A_i^T`` (``A_i`` the unfolded input, ``D_i`` the output
   gradient, over ``T`` positions); its squared norm is computed either from ``G_i`` or, when
   cheaper, as ``sum((A_i^T A_i) * (D_i^T D_i))`` (the "ghost norm"). BatchNorm layers (eval mode)
-  are exact too. Covers ``nn.Conv2d`` (any stride, padding, dilation, groups), ``nn.Linear`` and
-  ``nn.BatchNorm1d/2d``; a model with any other parameter owner, or a layer called twice, uses the
-  next method.
+  are exact too. Products run in the activations' precision (float32 at least, float64 for float64
+  models); ghost-norm sums, whose terms can cancel, run in float64. Covers ``nn.Conv2d`` (any
+  stride, padding, dilation, groups), ``nn.Linear`` and ``nn.BatchNorm1d/2d``; a model with any
+  other parameter owner, or a layer called twice, uses the next method.
 * ``"vmap"``: ``functional_call`` + ``vmap`` + ``grad`` (materialises per-sample gradients).
 * ``"loop"``: one ``autograd.grad`` per sample; for models ``vmap`` cannot trace.
 
@@ -119,11 +120,21 @@ def _owners(model: nn.Module) -> list[nn.Module] | None:
 
 
 def _sq_matmul_norm(a: Tensor, d: Tensor) -> Tensor:
-    """``||D_i A_i^T||_F^2`` per sample for ``a`` ``(n, g, Din, T)`` and ``d`` ``(n, g, Dout, T)``."""
+    """``||D_i A_i^T||_F^2`` per sample for ``a`` ``(n, g, Din, T)`` and ``d`` ``(n, g, Dout, T)``.
+
+    Products and sums of squares run in the inputs' precision (at least float32); the ghost norm,
+    whose terms may cancel, is summed in float64.
+    """
     din, dout, t = a.shape[2], d.shape[2], a.shape[3]
     if t * t * (din + dout) < din * dout * t:
-        return ((a.mT @ a) * (d.mT @ d)).sum((1, 2, 3))  # ghost norm over positions
-    return (d @ a.mT).square().sum((1, 2, 3))
+        # Ghost norm over positions: sum of (A^T A) * (D^T D), whose terms may have either sign.
+        return ((a.mT @ a).double() * (d.mT @ d).double()).sum((1, 2, 3))
+    return (d @ a.mT).square().sum((1, 2, 3)).double()
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """float32 for float32 and narrower activations (bf16, fp16), float64 for float64."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _pad_like_conv(m: nn.Conv2d, x: Tensor) -> Tensor:
@@ -141,34 +152,37 @@ def _pad_like_conv(m: nn.Conv2d, x: Tensor) -> Tensor:
 
 
 def _layer_sq_norm(m: nn.Module, x: Tensor, d: Tensor) -> Tensor:
-    x, d = x.double(), d.double()
+    """Squared norm of ``m``'s per-sample parameter gradient, ``(n,)`` float64."""
+    dtype = _compute_dtype(x)
+    x, d = x.to(dtype), d.to(dtype)
     n = x.shape[0]
     if isinstance(m, nn.Conv2d):
         g = m.groups
         a = nn.functional.unfold(_pad_like_conv(m, x), m.kernel_size, m.dilation, 0, m.stride)  # (n, Cin*k*k, T)
         a = a.reshape(n, g, a.shape[1] // g, a.shape[2])
         dd = d.reshape(n, g, d.shape[1] // g, -1)
-        sq = _sq_matmul_norm(a, dd) if m.weight.requires_grad else x.new_zeros(n)
+        sq = _sq_matmul_norm(a, dd) if m.weight.requires_grad else x.new_zeros(n, dtype=torch.float64)
         if m.bias is not None and m.bias.requires_grad:
-            sq = sq + dd.sum(-1).square().sum((1, 2))
+            sq = sq + dd.sum(-1).double().square().sum((1, 2))
         return sq
     if isinstance(m, nn.Linear):
         a = x.reshape(n, -1, x.shape[-1]).mT.unsqueeze(1)  # (n, 1, Din, T)
         dd = d.reshape(n, -1, d.shape[-1]).mT.unsqueeze(1)  # (n, 1, Dout, T)
-        sq = _sq_matmul_norm(a, dd) if m.weight.requires_grad else x.new_zeros(n)
+        sq = _sq_matmul_norm(a, dd) if m.weight.requires_grad else x.new_zeros(n, dtype=torch.float64)
         if m.bias is not None and m.bias.requires_grad:
-            sq = sq + dd.sum(-1).square().sum((1, 2))
+            sq = sq + dd.sum(-1).double().square().sum((1, 2))
         return sq
     assert isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)
     assert m.running_mean is not None and m.running_var is not None
     shape = (1, -1) + (1,) * (x.ndim - 2)
-    xhat = (x - m.running_mean.double().view(shape)) / (m.running_var.double().view(shape) + m.eps).sqrt()
+    mean, var = m.running_mean.to(dtype).view(shape), m.running_var.to(dtype).view(shape)
+    xhat = (x - mean) / (var + m.eps).sqrt()
     dims = tuple(range(2, x.ndim))
-    sq = x.new_zeros(n)
+    sq = x.new_zeros(n, dtype=torch.float64)
     if m.weight is not None and m.weight.requires_grad:
-        sq = sq + (d * xhat).sum(dims).square().sum(1)
+        sq = sq + (d * xhat).sum(dims).double().square().sum(1)
     if m.bias is not None and m.bias.requires_grad:
-        sq = sq + d.sum(dims).square().sum(1)
+        sq = sq + d.sum(dims).double().square().sum(1)
     return sq
 
 

@@ -86,6 +86,18 @@ def test_ghost_equals_loop_on_grouped_strided_dilated_and_sequence_layers():
     assert torch.allclose(ghost, per_sample_grad_norms(net, x, y, method="vmap"), rtol=1e-4)
 
 
+def test_ghost_keeps_float64_models_in_float64():
+    # float32 models are computed in float32 (rtol 1e-5 above); a float64 model stays exact to float64.
+    torch.manual_seed(0)
+    net = Mixed().double()
+    net.bn.running_mean.uniform_(-1, 1)
+    net.bn.running_var.uniform_(0.5, 2)
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(6, 2, 9, 9, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+    ghost = per_sample_grad_norms(net, x, y, method="ghost")
+    assert torch.allclose(ghost, per_sample_grad_norms(net, x, y, method="loop"), rtol=1e-10)
+
+
 def test_frozen_parameters_are_left_out(tiny_cnn, probe):
     tiny_cnn.conv1.requires_grad_(False)
     x, y = probe
