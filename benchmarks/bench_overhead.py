@@ -4,7 +4,9 @@
   (b) a torchvision ResNet-18 on 10,000 synthetic 32x32 images, one epoch, analysis at its end.
 
 For each: wall time of `trainer.fit` without and with the callback, their difference as a share
-of the run without it, and the analysis time the callback measured itself. Prints one JSON line last.
+of the run without it, and the analysis time the callback measured itself. For (b), also one
+analysis of the trained network stage by stage, beside a plain forward+backward of the probe (the
+floor of any exact per-sample gradient norm) and 5% of the epoch. Prints one JSON line last.
 
     python benchmarks/bench_overhead.py [--images 10000] [--skip-resnet]
 """
@@ -20,9 +22,10 @@ import torchvision
 from lightning.pytorch import Trainer, seed_everything
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_anomaly import AnomalyFilterCallback
+from lightning_anomaly import AnomalyFilterCallback, analyze
 from lightning_anomaly.demo import SmallCNN, digits_tensors
 from lightning_anomaly.demo.module import ImageClassifier
+from lightning_anomaly.engine import capture_layers, per_sample_grad_norms, select_layers
 
 
 def timed_fit(make_model, train, val, epochs, callback, batch_size):
@@ -38,15 +41,54 @@ def timed_fit(make_model, train, val, epochs, callback, batch_size):
         num_sanity_val_steps=0,
     )
     loaders = (DataLoader(train, batch_size=batch_size, shuffle=True), DataLoader(val, batch_size=256))
+    module = make_model()
     t0 = time.perf_counter()
-    trainer.fit(make_model(), *loaders)
-    return time.perf_counter() - t0
+    trainer.fit(module, *loaders)
+    return time.perf_counter() - t0, module.net
 
 
-def measure(name, make_model, train, val, epochs, batch_size, probe_size):
-    base = timed_fit(make_model, train, val, epochs, None, batch_size)
+def _best_of(fn, repeats=3):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def stage_times(net, probe) -> dict:
+    """Where one analysis of the trained network goes (best of 3), and a floor to compare it with.
+
+    ``fwd_bwd`` is one plain forward and backward of the probe with a summed loss: the least work
+    that sees every sample's gradient, so no exact per-sample gradient norm can cost less.
+    """
+    x, y = probe
+    net.eval()
+
+    def forward():
+        with torch.no_grad():
+            net(x)
+
+    def fwd_bwd():
+        loss = torch.nn.functional.cross_entropy(net(x), y, reduction="sum")
+        torch.autograd.grad(loss, [p for p in net.parameters() if p.requires_grad])
+
+    capture = _best_of(lambda: capture_layers(net, x, select_layers(net), 2))
+    no_targets = _best_of(lambda: analyze(net, x))
+    return {
+        "forward_s": _best_of(forward),
+        "capture_and_pca_s": capture,
+        "clustering_and_flags_s": no_targets - capture,
+        "grad_norms_s": _best_of(lambda: per_sample_grad_norms(net, x, y)),
+        "fwd_bwd_floor_s": _best_of(fwd_bwd),
+    }
+
+
+def measure(name, make_model, train, val, epochs, batch_size, probe_size, stages=False):
+    base, _ = timed_fit(make_model, train, val, epochs, None, batch_size)
     monitor = AnomalyFilterCallback(probe_size=probe_size)
-    watched = timed_fit(make_model, train, val, epochs, monitor, batch_size)
+    watched, net = timed_fit(make_model, train, val, epochs, monitor, batch_size)
     analysis = sum(h["seconds"] or 0.0 for h in monitor.history)
     out = {
         "epochs": epochs,
@@ -62,6 +104,15 @@ def measure(name, make_model, train, val, epochs, batch_size, probe_size):
         f"{name}: fit {base:.1f} s without, {watched:.1f} s with the callback -> overhead {100 * out['overhead_fraction']:.1f}% "
         f"(analyses {analysis:.2f} s = {100 * out['analysis_fraction_of_fit']:.1f}% of the fit)"
     )
+    if stages:
+        st = stage_times(net, monitor.probe)
+        out["stages"] = st
+        out["five_percent_budget_s"] = 0.05 * base / epochs
+        print(
+            "  one analysis, stage by stage (best of 3): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in st.items())
+            + f"; 5% of an epoch is {out['five_percent_budget_s']:.2f} s"
+        )
     return out
 
 
@@ -95,6 +146,7 @@ def main() -> None:
             1,
             128,
             256,
+            stages=True,
         )
     print(json.dumps(result))
 
