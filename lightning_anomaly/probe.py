@@ -76,8 +76,12 @@ def stratified_indices(n: int, size: int, generator: torch.Generator, labels: Te
     classes, counts = torch.unique(labels, return_counts=True)
     quota = counts.double() * size / n
     alloc = quota.floor().long().clamp_min(1).clamp_max(counts)
-    while int(alloc.sum()) > size:  # many tiny classes: trim the largest allocations
-        alloc[int(alloc.argmax())] -= 1
+    # More classes than slots: trim the largest allocations, ties broken at random (by the
+    # generator), so that no range of class ids is left out systematically.
+    if int(alloc.sum()) > size:
+        tiebreak = torch.rand(len(classes), generator=generator, dtype=torch.float64) * 0.5
+        while int(alloc.sum()) > size:
+            alloc[int((alloc.double() + tiebreak).argmax())] -= 1
     remainder = quota - quota.floor()
     for c in remainder.argsort(descending=True).tolist():
         if int(alloc.sum()) >= size:
@@ -116,6 +120,8 @@ def read_probe(dataset: Any, indices: Sequence[int]) -> tuple[Tensor, Tensor | N
     ys: list[Any] = []
     for i in indices:
         x, y = _split_item(dataset[i])
+        if type(x).__module__ == "numpy":  # arrays, as default_collate takes them
+            x = torch.as_tensor(x)
         if not isinstance(x, Tensor):
             raise ValueError(
                 f"dataset item {i} has an input of type {type(x).__name__}, not a tensor; add a ToTensor "

@@ -53,6 +53,26 @@ def test_report_ch_histograms_for_chosen_epochs(demo_run, tmp_path, capsys):
     assert (tmp_path / "a" / "ch_epochs.png").stat().st_size > 1000
     assert main(["report", str(demo_run), "--out", str(tmp_path / "b.html"), "--epochs", "7"]) == 2
     assert "no analysis at epochs [7]; analysed epochs: [1, 2]" in capsys.readouterr().err
+    assert main(["report", str(demo_run), "--out", str(tmp_path / "c.html"), "--epochs", "1,9"]) == 2
+    assert "no analysis at epochs [9]; analysed epochs: [1, 2]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("garbage.ckpt", b"not a checkpoint at all", "cannot be read"),
+        ("truncated.ckpt", b"PK\x03\x04broken zip", "cannot be read"),
+        ("list.json", b"[]", "is not an anomaly history written by AnomalyFilterCallback"),
+        ("partial.json", b'{"history": [{"epoch": 0}]}', "is not an anomaly history written by AnomalyFilterCallback"),
+        ("broken.json", b'{"history": [', "cannot be read (JSONDecodeError"),
+    ],
+)
+def test_report_on_corrupt_files_says_which_file_and_why(tmp_path, capsys, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert main(["report", str(path), "--out", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and message in err
 
 
 def test_report_errors_are_clear(tmp_path, capsys, demo_run, monkeypatch):

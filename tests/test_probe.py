@@ -55,3 +55,20 @@ def test_read_probe_rejects_non_tensor_inputs():
         read_probe([("not an image", 1)], [0])
     with pytest.raises(ValueError, match="none is an input key"):
         read_probe([{"pixels": torch.zeros(2)}], [0])
+
+
+def test_more_classes_than_slots_leaves_no_range_of_classes_out():
+    labels = torch.arange(1000).repeat_interleave(5)  # 1000 classes of 5, probe of 256
+    for seed in range(3):
+        idx = stratified_indices(len(labels), 256, torch.Generator().manual_seed(seed), labels)
+        classes = labels[idx]
+        assert len(idx) == 256 and len(classes.unique()) == 256  # one sample each from 256 classes
+        assert (classes < 500).sum() > 80 and (classes >= 500).sum() > 80  # both halves of the ids
+
+
+def test_read_probe_takes_numpy_items():
+    import numpy as np
+
+    items = [(np.full((1, 2, 2), i, dtype=np.float32), i % 2) for i in range(4)]
+    x, y = read_probe(items, [0, 3])
+    assert x.shape == (2, 1, 2, 2) and x[1].eq(3).all() and y.tolist() == [0, 1]

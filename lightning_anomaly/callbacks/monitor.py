@@ -21,7 +21,7 @@ from typing_extensions import override
 
 from lightning_anomaly.criteria import AnomalyCriteria
 from lightning_anomaly.engine.analyze import analyze, model_inputs
-from lightning_anomaly.engine.capture import select_layers
+from lightning_anomaly.engine.capture import eval_mode, select_layers
 from lightning_anomaly.engine.gradients import per_sample_grad_norms
 from lightning_anomaly.logging import (
     custom_scalars_layout,
@@ -58,6 +58,20 @@ def _eager() -> contextlib.AbstractContextManager[Any]:
     if set_stance is None:
         return contextlib.nullcontext()
     return set_stance("force_eager")
+
+
+def _non_finite_rows(x: Tensor) -> list[int]:
+    """Positions of the samples of ``x`` that hold NaN or Inf (none for integer inputs)."""
+    if not (x.is_floating_point() or x.is_complex()) or x.numel() == 0:
+        return []
+    return (~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)).nonzero().flatten().tolist()
+
+
+def _no_forward(pl_module: LightningModule) -> NotImplementedError:
+    return NotImplementedError(
+        f"{type(pl_module).__name__} has no forward(); define it or pass "
+        "forward_fn=lambda module, x: ... to AnomalyFilterCallback"
+    )
 
 
 class AnomalyFilterCallback(Callback):
@@ -105,6 +119,10 @@ class AnomalyFilterCallback(Callback):
         save_probe: Also save the probe (inputs, targets, dataset indices) as ``anomaly_probe.pt`` next
             to the history, so the report can show the outlier samples (skipped above 64 MB).
         verbose: Print one line per analysis.
+        state_key: Key of this callback's state in checkpoints; by default derived from ``prefix``,
+            ``layers`` and ``history_file`` (two instances need their own prefix and history file),
+            so a resumed fit finds its history even when other settings (``every_n_epochs``,
+            ``probe_size``, ``criteria``) changed.
 
     Raises:
         ValueError: A setting is out of range (e.g. a probe smaller than ``max(k_range) + 1``).
@@ -130,6 +148,7 @@ class AnomalyFilterCallback(Callback):
         save_probe: bool = False,
         distribute: bool = True,
         verbose: bool = False,
+        state_key: str | None = None,
     ) -> None:
         super().__init__()
         self.criteria = criteria if criteria is not None else AnomalyCriteria()
@@ -149,6 +168,8 @@ class AnomalyFilterCallback(Callback):
             raise ValueError(f"backend must be 'torch' or 'sklearn', got {backend!r}")
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a string, got {prefix!r}")
+        if state_key is not None and not isinstance(state_key, str):
+            raise TypeError(f"state_key must be a string or None, got {state_key!r}")
         self.probe_size = probe_size
         self.every_n_epochs = every_n_epochs
         self.layers = layers
@@ -164,6 +185,7 @@ class AnomalyFilterCallback(Callback):
         self.save_probe = save_probe
         self.distribute = distribute
         self.verbose = verbose
+        self._state_key = state_key
 
         self.history: list[dict[str, Any]] = []
         self.last_report: AnalysisReport | None = None
@@ -174,14 +196,17 @@ class AnomalyFilterCallback(Callback):
         self._layout_written = False
         self._warned_no_logger = False
         self._analysed_epoch: int | None = None
+        self._grad_targets: Tensor | None = None  # the probe's targets as the gradient norms take them
+        self._grad_checked = False
 
     # ----------------------------------------------------------------- settings and state
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(
-            probe_size=self.probe_size, every_n_epochs=self.every_n_epochs, seed=self.seed, prefix=self.prefix
-        )
+        if self._state_key is not None:
+            return self._state_key
+        layers = None if self.layers is None else [getattr(x, "__name__", x) for x in self.layers]
+        return self._generate_state_key(prefix=self.prefix, layers=layers, history_file=self.history_file)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -194,6 +219,11 @@ class AnomalyFilterCallback(Callback):
         if indices is not None and not self._explicit_probe and indices != self.probe_indices:
             self.probe_indices = [int(i) for i in indices]
             self._probe = None  # re-read the restored indices at the next train start
+            if len(self.probe_indices) != self.probe_size:
+                rank_zero_warn(
+                    f"AnomalyFilterCallback: resuming with the checkpoint's probe of {len(self.probe_indices)} "
+                    f"samples, not probe_size={self.probe_size}, so that the history stays comparable"
+                )
 
     @property
     def probe(self) -> tuple[Tensor, Tensor | None] | None:
@@ -216,6 +246,12 @@ class AnomalyFilterCallback(Callback):
             )
         if y is not None and (not isinstance(y, Tensor) or y.shape[0] != n):
             raise ValueError(f"probe targets must be a tensor with {n} entries, got {y!r:.80}")
+        bad = _non_finite_rows(x)
+        if bad:
+            raise ValueError(
+                f"probe inputs hold NaN or Inf in samples {bad[:10]}{' ...' if len(bad) > 10 else ''}; "
+                "drop or repair those samples (one bad sample makes every filter's maps degenerate)"
+            )
         return x.detach().cpu(), None if y is None else y.detach().cpu()
 
     # ----------------------------------------------------------------- public hooks users may override
@@ -236,12 +272,37 @@ class AnomalyFilterCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._check_siblings(trainer)
         self._layer_names = self.select_layers(pl_module)  # raises a clear error without conv layers
+        self._analysed_epoch = None
+        self._layout_written = False
+        self._grad_checked = False
+        if trainer.current_epoch == 0 and not self._explicit_probe:
+            # A new fit (a resumed one gets its state back from the checkpoint after this): its own
+            # training data, so its own probe and history. The previous list is left as it was.
+            self._probe, self.probe_indices = None, None
+            self.history, self.last_report = [], None
+
+    def _check_siblings(self, trainer: Trainer) -> None:
+        for other in trainer.callbacks:  # type: ignore[attr-defined]
+            if other is self or not isinstance(other, AnomalyFilterCallback):
+                continue
+            if other.prefix == self.prefix:
+                raise ValueError(
+                    f"two AnomalyFilterCallback instances log under the same prefix {self.prefix!r}; give each its "
+                    "own prefix=... (and history_file=...)"
+                )
+            if self.history_file is not None and other.history_file == self.history_file:
+                raise ValueError(
+                    f"two AnomalyFilterCallback instances write the same history file {self.history_file!r}; give "
+                    "each its own history_file=... (or None)"
+                )
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._probe is None:
             self._probe = self._load_probe(trainer)
+        self._grad_targets = self._check_probe_runs(trainer, pl_module)
         if self.save_probe:
             self._write_probe(trainer)
         if not trainer.loggers and not self._warned_no_logger:
@@ -346,17 +407,11 @@ class AnomalyFilterCallback(Callback):
     ) -> tuple[AnalysisReport | None, Tensor | None]:
         """Cluster ``layers`` (``None`` report when empty) and compute gradient norms of ``grad_rows``."""
         assert self._probe is not None
-        x, y = self._probe
-        loss_fn = self.loss_fn
-        targets = y
-        if targets is not None and loss_fn is None and (targets.is_floating_point() or targets.ndim != 1):
-            targets = None  # no default loss for non-class targets; pass loss_fn to get gradient norms
-        user_forward = self.forward_fn
-
-        def forward(model: Any, inputs: Tensor) -> Any:
-            with trainer.precision_plugin.forward_context(), _eager():
-                return user_forward(model, inputs) if user_forward is not None else model(inputs)
-
+        x = self._probe[0]
+        if not self._grad_checked:  # run_analysis called outside a fit's on_train_start
+            self._grad_targets = self._check_probe_runs(trainer, pl_module)
+        targets = self._grad_targets
+        forward = self._forward(trainer)
         progress = None
         if trainer.progress_bar_callback is not None and trainer.is_global_zero and len(layers) > 1:
             from tqdm.auto import tqdm
@@ -377,10 +432,7 @@ class AnomalyFilterCallback(Callback):
                     on_layer=None if progress is None else (lambda _site: progress.update(1)),
                 )
         except NotImplementedError as err:
-            raise NotImplementedError(
-                f"{type(pl_module).__name__} has no forward(); define it or pass "
-                "forward_fn=lambda module, x: ... to AnomalyFilterCallback"
-            ) from err
+            raise _no_forward(pl_module) from err
         finally:
             if progress is not None:
                 progress.close()
@@ -388,10 +440,76 @@ class AnomalyFilterCallback(Callback):
         if targets is not None:
             xs, ys = model_inputs(pl_module, x[grad_rows]), targets[grad_rows].to(pl_module.device)
             if xs.shape[0]:
-                grads = per_sample_grad_norms(pl_module, xs, ys, loss_fn, output_transform=self.output_transform)
+                grads = per_sample_grad_norms(
+                    pl_module, xs, ys, self.loss_fn, output_transform=self.output_transform, forward=forward
+                )
             else:
                 grads = torch.zeros(0, dtype=torch.float64)
         return report, grads
+
+    def _forward(self, trainer: Trainer) -> Callable[[Any, Tensor], Any]:
+        """How the probe goes through the model: ``forward_fn`` or ``model(x)``, as in training."""
+        user_forward = self.forward_fn
+
+        def forward(model: Any, inputs: Tensor) -> Any:
+            with trainer.precision_plugin.forward_context(), _eager():
+                return user_forward(model, inputs) if user_forward is not None else model(inputs)
+
+        return forward
+
+    def _check_probe_runs(self, trainer: Trainer, pl_module: LightningModule) -> Tensor | None:
+        """Send two probe samples through the model; return the targets the gradient norms take.
+
+        A probe the model cannot take fails at the start of training, with a message about the
+        probe, not after an epoch. The targets are ``None`` (gradient norms skipped, with a warning
+        naming the fix) when the default loss cannot take them.
+        """
+        assert self._probe is not None
+        x = self._probe[0]
+        try:
+            with isolate_rng(), torch.no_grad(), eval_mode(pl_module):
+                out = self._forward(trainer)(pl_module, model_inputs(pl_module, x[:2]))
+        except NotImplementedError as err:
+            raise _no_forward(pl_module) from err
+        except Exception as err:
+            source = "given as probe=" if self._explicit_probe else "read from the training dataset"
+            raise ValueError(
+                f"AnomalyFilterCallback: the probe ({source}; inputs {tuple(x.shape)} {x.dtype}) does not go "
+                f"through {type(pl_module).__name__}: {type(err).__name__}: {err}. Pass probe=(inputs, targets) "
+                "shaped and typed like the inputs of a training batch, or forward_fn=... to call the model"
+            ) from err
+        self._grad_checked = True
+        return self._targets_for_grads(out)
+
+    def _targets_for_grads(self, out: Any) -> Tensor | None:
+        assert self._probe is not None
+        y = self._probe[1]
+        if y is None or self.loss_fn is not None:
+            return y
+        skip = "per-sample gradient norms are skipped; pass loss_fn=... that takes these targets"
+        if y.ndim != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            rank_zero_warn(
+                f"AnomalyFilterCallback: the probe targets ({tuple(y.shape)} {y.dtype}) are not class labels, and "
+                f"the default loss is cross-entropy: {skip}"
+            )
+            return None
+        scores = self.output_transform(out) if self.output_transform is not None else out
+        if not isinstance(scores, Tensor) or scores.ndim != 2:
+            shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+            rank_zero_warn(
+                f"AnomalyFilterCallback: the model's output ({shape}) is not (N, classes) scores for the default "
+                "cross-entropy; per-sample gradient norms are skipped; pass output_transform=... (tuple or dict "
+                "outputs) or loss_fn=..."
+            )
+            return None
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= scores.shape[1]:
+            rank_zero_warn(
+                f"AnomalyFilterCallback: the probe labels span {low}..{high} but the model gives {scores.shape[1]} "
+                f"class scores: {skip}"
+            )
+            return None
+        return y.long()
 
     def _load_probe(self, trainer: Trainer) -> tuple[Tensor, Tensor | None]:
         dataset = self._train_dataset(trainer)
@@ -400,20 +518,44 @@ class AnomalyFilterCallback(Callback):
             torch.manual_seed(self.seed)
             if self.probe_indices is None:
                 self.probe_indices = self.select_probe(dataset, torch.Generator().manual_seed(self.seed))
+            elif self.probe_indices and max(self.probe_indices) >= len(dataset):
+                raise ValueError(
+                    f"the restored probe reaches dataset index {max(self.probe_indices)} but the training dataset "
+                    f"has {len(dataset)} items; resume with the training data of the checkpoint, or start a new fit"
+                )
+            x, y = read_probe(dataset, self.probe_indices)
+            bad = _non_finite_rows(x)
+            if bad:
+                dropped = [self.probe_indices[i] for i in bad]
+                rank_zero_warn(
+                    f"AnomalyFilterCallback: {len(bad)} probe samples hold NaN or Inf (dataset indices "
+                    f"{dropped[:10]}{' ...' if len(bad) > 10 else ''}); they are left out of the probe"
+                )
+                skip = set(bad)
+                keep = [i for i in range(len(x)) if i not in skip]
+                self.probe_indices = [self.probe_indices[i] for i in keep]
+                x, y = x[keep], None if y is None else y[keep]
             if len(self.probe_indices) < self.criteria.min_probe_size:
                 raise ValueError(
-                    f"the training dataset gives a probe of {len(self.probe_indices)} samples, fewer than "
+                    f"the training dataset gives a probe of {len(self.probe_indices)} usable samples, fewer than "
                     f"max(k_range)+1={self.criteria.min_probe_size}; use more data or a smaller k_range"
                 )
-            return read_probe(dataset, self.probe_indices)
+            return x, y
 
     @staticmethod
     def _train_dataset(trainer: Trainer) -> Any:
+        from torch.utils.data import IterableDataset
+
         loaders: Any = trainer.train_dataloader
         while isinstance(loaders, (list, tuple, dict)) and loaders:
             loaders = next(iter(loaders.values())) if isinstance(loaders, dict) else loaders[0]
         dataset = getattr(loaders, "dataset", None)
-        if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        if (
+            dataset is None
+            or isinstance(dataset, IterableDataset)
+            or not hasattr(dataset, "__len__")
+            or not hasattr(dataset, "__getitem__")
+        ):
             raise ValueError(
                 "AnomalyFilterCallback needs a map-style training dataset (with __len__ and __getitem__) to draw "
                 f"its probe from, got {type(dataset).__name__}; pass probe=(inputs, targets) instead"
@@ -454,7 +596,9 @@ class AnomalyFilterCallback(Callback):
     def _tensorboard(self, trainer: Trainer, logger: TensorBoardLogger, report: AnalysisReport) -> None:
         experiment = logger.experiment
         if self.log_histograms:
-            tensorboard_histograms(experiment, report, trainer.global_step, self.prefix)
+            # The step Lightning gives this epoch's scalars, so histograms and scalars line up.
+            stepped = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+            tensorboard_histograms(experiment, report, max(int(stepped) - 1, 0), self.prefix)
         if not self._layout_written:
             names = self.layout_metrics or guess_layout_metrics(list(trainer.callback_metrics), self.prefix)
             experiment.add_custom_scalars(custom_scalars_layout(names, self.prefix))
@@ -485,11 +629,11 @@ class AnomalyFilterCallback(Callback):
             self._write_history(trainer, path)
 
     def history_path(self, trainer: Trainer) -> Path | None:
-        """Where the JSON history goes: the Trainer's log directory (``None`` when disabled).
+        """Where the JSON history goes: the Trainer's log directory.
 
-        Call it on every rank: ``Trainer.log_dir`` broadcasts under DDP.
+        ``None`` when disabled, and under ``fast_dev_run`` (which writes no files). Call it on every rank: ``Trainer.log_dir`` broadcasts under DDP.
         """
-        if self.history_file is None:
+        if self.history_file is None or getattr(trainer, "fast_dev_run", False):
             return None
         root = trainer.log_dir or trainer.default_root_dir
         return Path(root) / self.history_file

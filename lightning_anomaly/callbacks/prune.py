@@ -10,10 +10,12 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_anomaly.callbacks.monitor import AnomalyFilterCallback
+from lightning_anomaly.engine.analyze import model_inputs
 from lightning_anomaly.engine.masking import (
     apply_channel_mask,
     find_following_batchnorm,
@@ -115,6 +117,12 @@ class AnomalyPruneCallback(Callback):
             )
         if trigger == "epochs" and not epochs:
             raise ValueError("trigger='epochs' needs epochs=[...], the 0-based epochs at which to prune")
+        early = [e for e in epochs or [] if e < start_epoch]
+        if trigger == "epochs" and early:
+            raise ValueError(
+                f"epochs {early} come before start_epoch={start_epoch} and would never prune; lower start_epoch "
+                "or drop them"
+            )
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ValueError(f"patience must be an int >= 1, got {patience!r}")
         if min_gap is not None and not isinstance(min_gap, (int, float)):
@@ -310,9 +318,11 @@ class AnomalyPruneCallback(Callback):
         if unknown:
             self.batchnorms.update(dict.fromkeys(unknown))
             probe = self.monitor.probe
-            if probe is not None:
-                x = probe[0][:2].to(pl_module.device)
-                self.batchnorms.update(find_following_batchnorm(pl_module, x, unknown))
+            if probe is not None:  # the probe goes in as the monitor sends it: dtype, forward_fn, precision
+                x = model_inputs(pl_module, probe[0][:2])
+                with isolate_rng():
+                    found = find_following_batchnorm(pl_module, x, unknown, forward=self.monitor._forward(trainer))
+                self.batchnorms.update(found)
         for name, channels in chosen.items():
             n_out = dict(pl_module.named_modules())[name].out_channels
             drop = torch.ones(n_out, dtype=torch.bool)

@@ -226,7 +226,9 @@ def analyze(
 
     grads = None
     if targets is not None:
-        grads = per_sample_grad_norms(model, x, targets.to(x.device), loss_fn, output_transform=output_transform)
+        grads = per_sample_grad_norms(
+            model, x, targets.to(x.device), loss_fn, output_transform=output_transform, forward=forward
+        )
     return AnalysisReport(
         layers=layer_reports,
         n_samples=n,

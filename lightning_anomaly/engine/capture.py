@@ -250,7 +250,9 @@ def capture_layers(
             i = calls.get(name, 0)
             calls[name] = i + 1
             site = name if i == 0 else f"{name}#{i}"
-            points, explained, activation, reason = reduce_maps(output.detach(), n_components, pca)
+            # Out of any autocast region (bf16-mixed, fp16-mixed): the PCA runs in float32 or better.
+            with torch.autocast(output.device.type, enabled=False):
+                points, explained, activation, reason = reduce_maps(output.detach(), n_components, pca)
             out.append(
                 LayerCapture(
                     site, name, (int(output.shape[2]), int(output.shape[3])), points, explained, activation, reason

@@ -50,6 +50,7 @@ def per_sample_grad_norms(
     chunk_size: int = 64,
     output_transform: Callable[[Any], Tensor] | None = None,
     method: Method = "auto",
+    forward: Callable[[nn.Module, Tensor], Any] | None = None,
 ) -> Tensor:
     """L2 norm of the loss gradient with respect to all trainable parameters, one per sample.
 
@@ -72,6 +73,8 @@ def per_sample_grad_norms(
         chunk_size: Samples per batched pass (bounds memory).
         output_transform: Maps the model's output to what ``loss_fn`` takes (tuple or dict outputs).
         method: ``"auto"`` (ghost where it applies, else vmap, else loop) or one of them.
+        forward: ``(model, inputs) -> output``; ``model(inputs)`` by default (models without a
+            ``forward``, extra arguments, autocast).
 
     Returns:
         ``(N,)`` float64 on the CPU.
@@ -86,6 +89,8 @@ def per_sample_grad_norms(
     transform = output_transform or (lambda o: o)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("model has no trainable parameter; per-sample gradient norms are undefined")
+    if forward is not None:
+        model = _Forward(model, forward)
     with eval_mode(model), torch.enable_grad():
         if method in ("auto", "ghost"):
             norms = _ghost(model, inputs, targets, loss, transform, chunk_size)
@@ -103,6 +108,18 @@ def per_sample_grad_norms(
                 if method == "vmap":
                     raise
         return _loop(model, inputs, targets, loss, transform)
+
+
+class _Forward(nn.Module):
+    """``model`` called through ``forward(model, x)``; owns no parameter of its own."""
+
+    def __init__(self, model: nn.Module, forward: Callable[[nn.Module, Tensor], Any]) -> None:
+        super().__init__()
+        self.model = model
+        self._call = forward
+
+    def forward(self, x: Tensor) -> Any:
+        return self._call(self.model, x)
 
 
 # ---------------------------------------------------------------------------- ghost norms

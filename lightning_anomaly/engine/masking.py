@@ -10,7 +10,7 @@ multiply, so masks only grow.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -24,12 +24,23 @@ __all__ = ["apply_channel_mask", "find_following_batchnorm", "fold_pruned_state_
 _BN = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
-def find_following_batchnorm(model: nn.Module, inputs: Tensor, conv_names: Iterable[str]) -> dict[str, str]:
+def find_following_batchnorm(
+    model: nn.Module,
+    inputs: Tensor,
+    conv_names: Iterable[str],
+    forward: Callable[[nn.Module, Tensor], Any] | None = None,
+) -> dict[str, str]:
     """Map each named conv to the BatchNorm whose input is exactly that conv's output, if any.
 
     Found by one forward of ``inputs`` (a couple of samples suffice) with hooks, so any wiring
     (``Sequential``, residual blocks, functional code) is seen as it runs. Modes are restored and
     hooks removed.
+
+    Args:
+        model: The network.
+        inputs: A couple of samples, on the model's device and in its dtype.
+        conv_names: Names of the convs to look for.
+        forward: ``(model, inputs) -> output``; ``model(inputs)`` by default.
 
     Returns:
         ``{conv_name: batchnorm_name}`` for the convs that feed a BatchNorm directly.
@@ -61,7 +72,10 @@ def find_following_batchnorm(model: nn.Module, inputs: Tensor, conv_names: Itera
             handles.append(m.register_forward_pre_hook(bn_hook(name)))
     try:
         with torch.no_grad(), eval_mode(model):
-            model(inputs)
+            if forward is None:
+                model(inputs)
+            else:
+                forward(model, inputs)
     finally:
         for h in handles:
             h.remove()

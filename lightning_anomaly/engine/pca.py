@@ -47,8 +47,8 @@ def top_eigh(a: Tensor, q: int, *, max_iter: int = 60) -> tuple[Tensor, Tensor]:
     gen = torch.Generator().manual_seed(0)
     basis = torch.randn(m, width, generator=gen, dtype=a.dtype).to(a.device).expand(b, m, width)
     basis = torch.linalg.qr(a @ basis).Q
-    vals = torch.zeros(b, q, dtype=a.dtype, device=a.device)
-    vecs = torch.zeros(b, m, q, dtype=a.dtype, device=a.device)
+    vals = torch.zeros(b, q, dtype=basis.dtype, device=a.device)
+    vecs = torch.zeros(b, m, q, dtype=basis.dtype, device=a.device)
     todo = torch.arange(b, device=a.device)
     sub = a
     for it in range(1, max_iter + 1):

@@ -50,9 +50,40 @@ def find_history(run_dir: str | Path) -> Path:
     return found[-1]
 
 
+_ENTRY_KEYS = ("epoch", "anomaly_count", "outlier_count", "n_filters")
+
+
+def read_history(path: Path) -> dict[str, Any]:
+    """A history document from an ``anomaly_history.json`` or a Lightning checkpoint, checked.
+
+    Raises:
+        ValueError: The file cannot be read, or is not a history written by AnomalyFilterCallback.
+    """
+    try:
+        doc = _load_checkpoint(path) if path.suffix == ".ckpt" else json.loads(path.read_text())
+    except ValueError as err:
+        if not isinstance(err, json.JSONDecodeError):
+            raise  # ours, already naming the file
+        raise ValueError(f"{path} cannot be read (JSONDecodeError: {err})") from err
+    except Exception as err:  # unpickling, truncated zip, undecodable text...
+        raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err})") from err
+    history = doc.get("history") if isinstance(doc, dict) else None
+    bad = not isinstance(history, list) or any(
+        not isinstance(h, dict) or any(k not in h for k in _ENTRY_KEYS) for h in history
+    )
+    if bad:
+        raise ValueError(
+            f"{path} is not an anomaly history written by AnomalyFilterCallback (expected a 'history' list of "
+            f"entries with {', '.join(_ENTRY_KEYS)})"
+        )
+    return doc
+
+
 def _load_checkpoint(path: Path) -> dict[str, Any]:
     """The monitor's history from a Lightning checkpoint's callback state (no per-filter report there)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a Lightning checkpoint")
     for key, state in ckpt.get("callbacks", {}).items():
         if isinstance(state, dict):
             state = state.get("monitor") or state  # AnomalyPruneCallback nests its own monitor
@@ -68,6 +99,9 @@ def _ch_over_epochs(plt: Any, history: list[dict[str, Any]], epochs: list[int] |
         return None
     if epochs:
         chosen = [h for h in with_hist if h["epoch"] + 1 in set(epochs)]
+        missing = sorted(set(epochs) - {h["epoch"] + 1 for h in chosen})
+        if missing and chosen:
+            raise ValueError(f"no analysis at epochs {missing}; analysed epochs: {[h['epoch'] + 1 for h in with_hist]}")
     else:
         picks = sorted({0, len(with_hist) // 2, len(with_hist) - 1})
         chosen = [with_hist[i] for i in picks]
@@ -240,7 +274,13 @@ def _show(ax: Any, probe: dict[str, Any], i: int) -> None:
     arr = (arr - arr.min()) / (arr.max() - arr.min() + 1e-12)
     ax.imshow(arr.numpy(), cmap="gray" if arr.ndim == 2 else None)
     targets, indices = probe.get("targets"), probe.get("indices")
-    label = "" if targets is None else f" y={int(targets[i])}"
+    label = ""
+    if targets is not None:
+        t = torch.as_tensor(targets[i])
+        if t.numel() == 1:
+            label = f" y={t.item():g}" if t.is_floating_point() else f" y={int(t)}"
+        elif t.ndim == 1:  # one-hot or scores: the class
+            label = f" y={int(t.argmax())}"
     ds = "" if indices is None else f"#{indices[i]}"
     ax.set_title(f"{ds}{label}", fontsize=7)
     ax.axis("off")
@@ -275,8 +315,8 @@ def build_report(
         ImportError: matplotlib is missing (the message names the extra to install).
     """
     path = find_history(run_dir)
-    doc = _load_checkpoint(path) if path.suffix == ".ckpt" else json.loads(path.read_text())
-    if not doc.get("history"):
+    doc = read_history(path)
+    if not doc["history"]:
         raise ValueError(f"{path} holds no analysis yet; run at least one epoch with AnomalyFilterCallback")
     probe_path = path.with_name(PROBE_FILE)
     probe = torch.load(probe_path, weights_only=True) if probe_path.exists() else None

@@ -137,7 +137,9 @@ def test_resume_continues_history(tmp_path):
 
 def test_two_instances_coexist(tmp_path):
     a = AnomalyFilterCallback(probe_size=24, seed=0)
-    b = AnomalyFilterCallback(probe_size=24, seed=1, criteria=AnomalyCriteria(k_range=(2, 3)))
+    b = AnomalyFilterCallback(
+        probe_size=24, seed=1, criteria=AnomalyCriteria(k_range=(2, 3)), prefix="b/", history_file="b.json"
+    )
     assert a.state_key != b.state_key
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     fit(tmp_path, [a, b, ckpt], max_epochs=1, enable_checkpointing=True)

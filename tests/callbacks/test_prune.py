@@ -7,9 +7,9 @@ from lightning_anomaly import AnomalyCriteria, AnomalyFilterCallback, AnomalyPru
 from tests.helpers import FAST, LENIENT, Net, channel_outputs, make_data
 
 
-def run(tmp_path, callbacks, max_epochs=3, ckpt_path=None, **kw):
+def run(tmp_path, callbacks, max_epochs=3, ckpt_path=None, model=None, **kw):
     seed_everything(0)
-    model = Net(width=16)
+    model = model if model is not None else Net(width=16)
     trainer = Trainer(
         default_root_dir=tmp_path,
         max_epochs=max_epochs,
@@ -136,6 +136,8 @@ def test_constructor_errors():
         AnomalyPruneCallback(max_total_fraction=0)
     with pytest.raises(ValueError, match=r"trigger='epochs' needs epochs=\[\.\.\.\]"):
         AnomalyPruneCallback(trigger="epochs")
+    with pytest.raises(ValueError, match=r"epochs \[0\] come before start_epoch=1 and would never prune"):
+        AnomalyPruneCallback(trigger="epochs", epochs=[0, 2])
     with pytest.raises(ValueError, match="trigger must be"):
         AnomalyPruneCallback(trigger="sometimes")
     with pytest.raises(TypeError, match="monitor must be an AnomalyFilterCallback"):
@@ -146,3 +148,21 @@ def test_monitor_must_be_in_the_trainer(tmp_path):
     _, pruner = make()
     with pytest.raises(ValueError, match="not among the Trainer's callbacks"):
         run(tmp_path, [pruner])
+
+
+def test_pruning_sends_the_probe_as_the_monitor_does(tmp_path):
+    # A float64 explicit probe (cast to the model's dtype) and a module called through forward_fn.
+    from tests.callbacks.test_monitor_faults import NoForward
+
+    x, y = make_data(32).tensors
+    monitor = AnomalyFilterCallback(
+        probe=(x.double(), y), criteria=AnomalyCriteria(**LENIENT), forward_fn=lambda m, inputs: m.logits(inputs)
+    )
+    pruner = AnomalyPruneCallback(
+        monitor, trigger="epochs", epochs=[1], max_fraction_per_layer=0.3, make_permanent=False
+    )
+    run(tmp_path, [monitor, pruner], model=NoForward(width=16))  # used to fail: uncast probe, no forward()
+    assert len(pruner.events) == 1 and pruner.n_pruned > 0
+    assert set(pruner.pruned) <= set(pruner.batchnorms)
+    if "conv1" in pruner.pruned:
+        assert pruner.batchnorms["conv1"] == "bn1"  # found by the forward that went through forward_fn
