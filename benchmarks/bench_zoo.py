@@ -5,7 +5,7 @@ For each architecture: conv sites analysed, filters analysed vs the sum of `out_
 of `analyze` with targets (clustering plus exact per-sample gradient norms). Prints a Markdown table,
 then one JSON line last.
 
-    python benchmarks/bench_zoo.py [--probe 64] [--size 64]
+    python benchmarks/bench_zoo.py [--probe 64] [--size 64] [--archs resnet18,googlenet]
 """
 
 from __future__ import annotations
@@ -43,14 +43,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--probe", type=int, default=64)
     p.add_argument("--size", type=int, default=64)
+    p.add_argument("--archs", default=",".join(ARCHS), help="comma-separated torchvision model names")
     args = p.parse_args()
     rows = []
     print("| architecture | conv sites | filters analysed / conv filters | degenerate | non-finite CH | seconds |")
     print("|---|---|---|---|---|---|")
-    for name in ARCHS:
+    for name in args.archs.split(","):
         kw = {"num_classes": 10}
-        if name == "googlenet":
-            kw.update(aux_logits=False, init_weights=True)
+        if name == "googlenet":  # with its auxiliary heads, which run in training only: left out
+            kw.update(init_weights=True)
         torch.manual_seed(0)
         model = getattr(torchvision.models, name)(**kw).eval()
         g = torch.Generator().manual_seed(0)

@@ -274,7 +274,8 @@ class AnalysisReport:
         out, norm = self.outlier_grad_norm, self.normal_grad_norm
         if out is None or norm is None or norm <= 0:
             return None
-        return out / norm
+        ratio = out / norm
+        return ratio if math.isfinite(ratio) else None
 
     def reflag(self, criteria: AnomalyCriteria) -> AnalysisReport:
         """The same analysis judged by other flagging rules, without clustering again.
@@ -315,7 +316,8 @@ class AnalysisReport:
         # Both groups must be non-empty for the comparison to mean anything.
         if self.grad_norms is None or bool(mask.all()) or not bool(mask.any()):
             return None
-        return float(self.grad_norms[mask if outlier else ~mask].double().mean())
+        value = float(self.grad_norms[mask if outlier else ~mask].double().mean())
+        return value if math.isfinite(value) else None  # a diverged model: undefined, not NaN
 
     def summary(self) -> dict[str, Any]:
         """Scalars of this report as plain types (what the callback logs and keeps in history)."""

@@ -60,6 +60,17 @@ def _eager() -> contextlib.AbstractContextManager[Any]:
     return set_stance("force_eager")
 
 
+def _finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
+
+
 def _non_finite_rows(x: Tensor) -> list[int]:
     """Positions of the samples of ``x`` that hold NaN or Inf (none for integer inputs)."""
     if not (x.is_floating_point() or x.is_complex()) or x.numel() == 0:
@@ -466,6 +477,11 @@ class AnomalyFilterCallback(Callback):
         """
         assert self._probe is not None
         x = self._probe[0]
+        modules = dict(pl_module.named_modules())
+        ran: set[str] = set()
+        handles = [
+            modules[name].register_forward_hook(lambda *_, name=name: ran.add(name)) for name in self._layer_names
+        ]
         try:
             with isolate_rng(), torch.no_grad(), eval_mode(pl_module):
                 out = self._forward(trainer)(pl_module, model_inputs(pl_module, x[:2]))
@@ -478,12 +494,39 @@ class AnomalyFilterCallback(Callback):
                 f"through {type(pl_module).__name__}: {type(err).__name__}: {err}. Pass probe=(inputs, targets) "
                 "shaped and typed like the inputs of a training batch, or forward_fn=... to call the model"
             ) from err
+        finally:
+            for handle in handles:
+                handle.remove()
+        self._keep_running_layers(ran)
         self._grad_checked = True
-        return self._targets_for_grads(out)
+        return self._targets_for_grads(out, pl_module)
 
-    def _targets_for_grads(self, out: Any) -> Tensor | None:
+    def _keep_running_layers(self, ran: set[str]) -> None:
+        """Leave out default layers that do not run in eval mode; chosen ones must run."""
+        idle = [name for name in self._layer_names if name not in ran]
+        if not idle:
+            return
+        chosen = self.layers is not None or type(self).select_layers is not AnomalyFilterCallback.select_layers
+        listed = ", ".join(repr(n) for n in idle[:6]) + (" ..." if len(idle) > 6 else "")
+        if chosen or len(idle) == len(self._layer_names):
+            raise ValueError(
+                f"layers {listed} do not run when the probe goes through the model in eval mode; drop them from "
+                "layers=[...] or check the model's forward (forward_fn=...)"
+            )
+        self._layer_names = [name for name in self._layer_names if name in ran]
+        rank_zero_info(
+            f"AnomalyFilterCallback: {len(idle)} conv layers do not run in eval mode (auxiliary heads?) and are "
+            f"left out: {listed}"
+        )
+
+    def _targets_for_grads(self, out: Any, pl_module: LightningModule) -> Tensor | None:
         assert self._probe is not None
         y = self._probe[1]
+        if y is not None and not any(p.requires_grad for p in pl_module.parameters()):
+            rank_zero_warn(
+                "AnomalyFilterCallback: the model has no trainable parameter; per-sample gradient norms are skipped"
+            )
+            return None
         if y is None or self.loss_fn is not None:
             return y
         skip = "per-sample gradient norms are skipped; pass loss_fn=... that takes these targets"
@@ -665,5 +708,9 @@ class AnomalyFilterCallback(Callback):
             "last_report": None if self.last_report is None else self.last_report.to_dict(tensors="list", labels=False),
         }
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc))
+        try:
+            text = json.dumps(doc, allow_nan=False)
+        except ValueError:  # strict JSON: NaN and Inf (a diverged model) become null
+            text = json.dumps(_finite_json(doc), allow_nan=False)
+        tmp.write_text(text)
         tmp.replace(path)

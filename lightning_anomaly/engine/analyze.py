@@ -175,7 +175,8 @@ def analyze(
             parameter dtype.
         targets: ``(N,)`` labels (or whatever ``loss_fn`` takes) to compare gradient norms.
         criteria: Settings and flagging rules; :class:`AnomalyCriteria` defaults when omitted.
-        layers: Names, glob patterns or module classes; every ``nn.Conv2d`` when omitted.
+        layers: Names, glob patterns or module classes; every ``nn.Conv2d`` that runs in the
+            probe forward when omitted (auxiliary heads that only run in training are left out).
         backend: ``"torch"`` (batched, on ``device``) or ``"sklearn"`` (the per-filter reference).
         device: Where to run; the model's device when omitted.
         seed: Seed of the mixture initialisation (a private generator).
@@ -215,11 +216,24 @@ def analyze(
             f"targets must be a tensor with one entry per probe sample ({n}), got "
             f"{tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__}"
         )
+    if targets is not None and not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            "the model has no trainable parameter, so per-sample gradient norms are undefined; call analyze "
+            "without targets"
+        )
     sites = select_layers(model, layers)
     x = model_inputs(model, inputs, device)
 
     pca = sklearn_pca if backend == "sklearn" else batched_pca
-    captures = capture_layers(model, x, sites, criteria.n_components, pca=pca, forward=forward, on_layer=on_layer)
+    # Layers chosen by default that do not run in eval mode (auxiliary heads) are left out; named ones must run.
+    captures = capture_layers(
+        model, x, sites, criteria.n_components, pca=pca, forward=forward, on_layer=on_layer, skip_missing=layers is None
+    )
+    if not captures:
+        raise ValueError(
+            "none of the model's conv layers ran in the probe forward (eval mode); check the model's forward or "
+            "pass forward=..."
+        )
     layer_reports = _cluster_and_flag(captures, criteria, seed, backend, n)
 
     counts = count_outliers(layer_reports.values(), n)

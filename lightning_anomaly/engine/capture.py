@@ -215,6 +215,7 @@ def capture_layers(
     pca: PCAFn = batched_pca,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     on_layer: Callable[[str], None] | None = None,
+    skip_missing: bool = False,
 ) -> list[LayerCapture]:
     """Run one probe forward and return the reduced output of every selected site.
 
@@ -232,9 +233,12 @@ def capture_layers(
         pca: Batched PCA function (the reference backend passes scikit-learn's).
         forward: How to call the model; defaults to ``model(inputs)``.
         on_layer: Called with each site name once it is reduced (progress reporting).
+        skip_missing: Leave out selected modules that did not run (auxiliary heads that only run
+            in training mode) instead of raising.
 
     Raises:
-        ValueError: A selected module's output is not a 4-D tensor, or a selected module never ran.
+        ValueError: A selected module's output is not a 4-D tensor, or (without ``skip_missing``)
+            a selected module never ran.
     """
     calls: dict[str, int] = {}
     out: list[LayerCapture] = []
@@ -277,7 +281,7 @@ def capture_layers(
     rank = {name: i for i, (name, _) in enumerate(layers)}
     out.sort(key=lambda cap: (rank[cap.module_name], cap.call_index))
     missing = [name for name, _ in layers if name not in calls]
-    if missing:
+    if missing and not skip_missing:
         raise ValueError(
             f"layers {_describe(missing)} did not run in the probe forward; drop them from layers=[...] "
             "or check the model's forward"

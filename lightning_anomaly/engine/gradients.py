@@ -133,7 +133,43 @@ def _owners(model: nn.Module) -> list[nn.Module] | None:
             return None
         if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) and (m.running_mean is None or m.running_var is None):
             return None  # batch statistics couple the samples
+        names = {name for name, _ in m.named_parameters(recurse=False)}
+        if not names <= {"weight", "bias", "weight_orig", "bias_orig"}:
+            return None  # another reparametrisation (weight_norm's g and v...)
+        if not (_channel_mask_only(m, "weight") and _channel_mask_only(m, "bias")):
+            return None
     return owners
+
+
+def _trainable(m: nn.Module, base: str) -> bool:
+    """Whether ``m.<base>`` (or, under a pruning mask, ``m.<base>_orig``) is a trainable parameter."""
+    param = getattr(m, base + "_orig", None)
+    if param is None:
+        param = getattr(m, base, None)
+    return isinstance(param, nn.Parameter) and param.requires_grad
+
+
+def _mask_rows(m: nn.Module, base: str) -> Tensor | None:
+    """``m``'s ``torch.nn.utils.prune`` mask of ``<base>`` as ``(out, rest)``, or ``None`` without one."""
+    mask = getattr(m, base + "_mask", None)
+    if mask is None or getattr(m, base + "_orig", None) is None:
+        return None
+    return mask.reshape(mask.shape[0], -1)
+
+
+def _channel_mask_only(m: nn.Module, base: str) -> bool:
+    """No mask, or one that keeps or drops whole output channels (handled in closed form)."""
+    rows = _mask_rows(m, base)
+    return rows is None or bool((rows == rows[:, :1]).all())
+
+
+def _keep_view(m: nn.Module, base: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor | None:
+    """0/1 per output channel of ``<base>``'s mask, viewed as ``shape`` (``None`` without a mask).
+
+    The gradient of ``<base>_orig`` is the plain gradient times the mask, so dropped channels add nothing.
+    """
+    rows = _mask_rows(m, base)
+    return None if rows is None else rows[:, 0].to(dtype).view(shape)
 
 
 def _sq_matmul_norm(a: Tensor, d: Tensor) -> Tensor:
@@ -173,21 +209,23 @@ def _layer_sq_norm(m: nn.Module, x: Tensor, d: Tensor) -> Tensor:
     dtype = _compute_dtype(x)
     x, d = x.to(dtype), d.to(dtype)
     n = x.shape[0]
-    if isinstance(m, nn.Conv2d):
-        g = m.groups
-        a = nn.functional.unfold(_pad_like_conv(m, x), m.kernel_size, m.dilation, 0, m.stride)  # (n, Cin*k*k, T)
-        a = a.reshape(n, g, a.shape[1] // g, a.shape[2])
-        dd = d.reshape(n, g, d.shape[1] // g, -1)
-        sq = _sq_matmul_norm(a, dd) if m.weight.requires_grad else x.new_zeros(n, dtype=torch.float64)
-        if m.bias is not None and m.bias.requires_grad:
-            sq = sq + dd.sum(-1).double().square().sum((1, 2))
-        return sq
-    if isinstance(m, nn.Linear):
-        a = x.reshape(n, -1, x.shape[-1]).mT.unsqueeze(1)  # (n, 1, Din, T)
-        dd = d.reshape(n, -1, d.shape[-1]).mT.unsqueeze(1)  # (n, 1, Dout, T)
-        sq = _sq_matmul_norm(a, dd) if m.weight.requires_grad else x.new_zeros(n, dtype=torch.float64)
-        if m.bias is not None and m.bias.requires_grad:
-            sq = sq + dd.sum(-1).double().square().sum((1, 2))
+    sq = x.new_zeros(n, dtype=torch.float64)
+    if isinstance(m, nn.Conv2d | nn.Linear):
+        if isinstance(m, nn.Conv2d):
+            g = m.groups
+            a = nn.functional.unfold(_pad_like_conv(m, x), m.kernel_size, m.dilation, 0, m.stride)  # (n, Cin*k*k, T)
+            a = a.reshape(n, g, a.shape[1] // g, a.shape[2])
+            dd = d.reshape(n, g, d.shape[1] // g, -1)
+        else:
+            a = x.reshape(n, -1, x.shape[-1]).mT.unsqueeze(1)  # (n, 1, Din, T)
+            dd = d.reshape(n, -1, d.shape[-1]).mT.unsqueeze(1)  # (n, 1, Dout, T)
+        channels = (1, dd.shape[1], dd.shape[2], 1)
+        if _trainable(m, "weight"):
+            keep = _keep_view(m, "weight", channels, dtype)
+            sq = sq + _sq_matmul_norm(a, dd if keep is None else dd * keep)
+        if _trainable(m, "bias"):
+            keep = _keep_view(m, "bias", channels, dtype)
+            sq = sq + (dd if keep is None else dd * keep).sum(-1).double().square().sum((1, 2))
         return sq
     assert isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)
     assert m.running_mean is not None and m.running_var is not None
@@ -195,11 +233,14 @@ def _layer_sq_norm(m: nn.Module, x: Tensor, d: Tensor) -> Tensor:
     mean, var = m.running_mean.to(dtype).view(shape), m.running_var.to(dtype).view(shape)
     xhat = (x - mean) / (var + m.eps).sqrt()
     dims = tuple(range(2, x.ndim))
-    sq = x.new_zeros(n, dtype=torch.float64)
-    if m.weight is not None and m.weight.requires_grad:
-        sq = sq + (d * xhat).sum(dims).double().square().sum(1)
-    if m.bias is not None and m.bias.requires_grad:
-        sq = sq + d.sum(dims).double().square().sum(1)
+    per_channel = {  # (n, C) per-sample gradients of the affine parameters
+        "weight": (d * xhat).sum(dims) if _trainable(m, "weight") else None,
+        "bias": d.sum(dims) if _trainable(m, "bias") else None,
+    }
+    for base, per_sample in per_channel.items():
+        if per_sample is not None:
+            keep = _keep_view(m, base, (1, -1), dtype)
+            sq = sq + (per_sample if keep is None else per_sample * keep).double().square().sum(1)
     return sq
 
 

@@ -47,21 +47,22 @@ def find_following_batchnorm(
     """
     wanted = set(conv_names)
     modules = dict(model.named_modules())
-    producers: dict[int, str] = {}
+    # Keyed by id, holding the tensor itself: a freed output's id can be reused by a later tensor.
+    producers: dict[int, tuple[str, Tensor]] = {}
     found: dict[str, str] = {}
     handles = []
 
     def conv_hook(name: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Tensor) -> None:
-            producers[id(output)] = name
+            producers[id(output)] = (name, output)
 
         return hook
 
     def bn_hook(name: str) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
-            src = producers.get(id(args[0]))
-            if src is not None and src not in found:
-                found[src] = name
+            entry = producers.get(id(args[0]))
+            if entry is not None and entry[1] is args[0] and entry[0] not in found:
+                found[entry[0]] = name
 
         return hook
 

@@ -215,3 +215,71 @@ def test_fast_dev_run_writes_no_file(tmp_path, monkeypatch):
     quiet_fit(tmp_path / "root", [monitor], fast_dev_run=True)
     assert len(monitor.history) == 1
     assert not list(tmp_path.rglob("anomaly_history.json"))
+
+
+class WithAuxHead(Net):
+    """An auxiliary head (GoogLeNet-style) that only runs in training mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.aux = nn.Conv2d(6, 3, 3, padding=1)
+
+    def forward(self, x):
+        logits = super().forward(x)
+        if self.training:
+            aux = self.aux(torch.relu(self.conv1(x))).mean((2, 3))
+            logits = logits + 0.0 * aux
+        return logits
+
+
+def test_default_layers_that_only_run_in_training_are_left_out(tmp_path):
+    monitor = AnomalyFilterCallback(probe_size=24)
+    quiet_fit(tmp_path, [monitor], max_epochs=1, model=WithAuxHead())
+    assert list(monitor.last_report.layers) == ["conv1", "conv2"]
+    named = AnomalyFilterCallback(probe_size=24, layers=["conv1", "aux"])
+    seed_everything(0)
+    trainer = Trainer(default_root_dir=tmp_path, max_epochs=1, callbacks=[named], logger=False, **FAST)
+    with pytest.raises(ValueError, match="layers 'aux' do not run when the probe goes through the model in eval"):
+        trainer.fit(WithAuxHead())
+    assert trainer.global_step == 0
+    # The engine alike: default layers skip it, named ones must run.
+    model = WithAuxHead().eval()
+    x = make_data(24).tensors[0]
+    assert list(analyze(model, x).layers) == ["conv1", "conv2"]
+    with pytest.raises(ValueError, match="did not run in the probe forward"):
+        analyze(model, x, layers=["aux"])
+
+
+class Diverged(Net):
+    """conv2 holds a NaN filter (a diverged run); conv1 stays finite; no update happens."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.no_grad():
+            self.conv2.weight[0] = float("nan")
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        self.log("train_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+
+def test_a_diverged_model_gives_no_nan_in_history_or_json(tmp_path):
+    monitor = AnomalyFilterCallback(probe_size=32, criteria=None)
+    quiet_fit(tmp_path, [monitor], max_epochs=1, model=Diverged())
+    entry = monitor.history[-1]
+    for key in ("outlier_grad_norm", "normal_grad_norm", "gradient_ratio"):
+        assert entry[key] is None or entry[key] == entry[key], key
+    assert entry["gradient_ratio"] is None  # every gradient norm is NaN: undefined, not NaN
+
+    def strict(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    json.loads((tmp_path / "anomaly_history.json").read_text(), parse_constant=strict)
+
+
+def test_frozen_model_with_targets_fails_before_clustering():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 36, 3)).requires_grad_(False)
+    x, y = make_data(24).tensors
+    with pytest.raises(ValueError, match=r"no trainable parameter.*call analyze without targets"):
+        analyze(net, x, y)
+    assert analyze(net, x).n_filters == 4

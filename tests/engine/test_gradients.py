@@ -132,3 +132,50 @@ def test_unsupported_layers_fall_back_and_ghost_says_so(probe):
         assert torch.allclose(auto, per_sample_grad_norms(net, x, y, method="loop"), rtol=1e-4)
         with pytest.raises(ValueError, match="method='ghost' covers"):
             per_sample_grad_norms(net, x, y, method="ghost")
+
+
+class SiLUNet(nn.Module):
+    """SiLU after conv and BatchNorm: its gradient at 0 is not 0, so masked channels would leak."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.c2 = nn.Conv2d(6, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = nn.functional.silu(self.bn(self.c1(x)))
+        return self.head(nn.functional.silu(self.c2(h)).mean((2, 3)))
+
+
+def test_ghost_respects_channel_pruning_masks():
+    from lightning_anomaly.engine.masking import apply_channel_mask
+
+    torch.manual_seed(0)
+    net = SiLUNet()
+    keep1 = torch.tensor([True, False, True, True, False, True])
+    apply_channel_mask(net, "c1", keep1, "bn")
+    apply_channel_mask(net, "c2", torch.tensor([False, True, True, True]), None)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(8, 1, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    ghost = per_sample_grad_norms(net, x, y, method="ghost")
+    assert torch.allclose(ghost, per_sample_grad_norms(net, x, y, method="loop"), rtol=1e-5)
+
+
+def test_other_reparametrisations_take_the_exact_fallback():
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(6, 1, 6, 6, generator=g), torch.randint(0, 3, (6,), generator=g)
+    unstructured = SiLUNet()
+    prune.random_unstructured(unstructured.c2, "weight", amount=0.5)
+    normed = SiLUNet()
+    normed.c1 = torch.nn.utils.weight_norm(normed.c1)  # weight_g and weight_v
+    for net in (unstructured, normed):
+        with pytest.raises(ValueError, match="method='ghost' covers"):
+            per_sample_grad_norms(net, x, y, method="ghost")
+        assert torch.allclose(
+            per_sample_grad_norms(net, x, y), per_sample_grad_norms(net, x, y, method="loop"), rtol=1e-4
+        )

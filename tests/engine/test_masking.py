@@ -100,3 +100,14 @@ def test_errors():
     model.bn = nn.BatchNorm2d(8, affine=False)
     with pytest.raises(ValueError, match="no affine parameters"):
         apply_channel_mask(model, "conv", torch.ones(8, dtype=torch.bool), "bn")
+
+
+def test_batchnorm_found_only_for_the_conv_it_consumes():
+    # conv 0 feeds no BatchNorm; its freed output's id can come back for conv 2's output, which BN 3 takes.
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()
+    )
+    x = torch.randn(2, 3, 8, 8)
+    assert find_following_batchnorm(net, x, ["0"]) == {}
+    assert find_following_batchnorm(net, x, ["0", "2"]) == {"2": "3"}
