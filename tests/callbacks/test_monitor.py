@@ -173,13 +173,13 @@ def test_explicit_probe_and_custom_loss(tmp_path):
     assert seen and seen[0][-1] == 3
 
 
-@pytest.mark.parametrize("variant", ["bf16-mixed", "channels_last", "compiled"])
+@pytest.mark.parametrize("variant", ["bf16-mixed", "64-true", "channels_last", "compiled"])
 def test_precision_memory_format_and_compile(tmp_path, variant):
     monitor = AnomalyFilterCallback(probe_size=24)
     model = Net()
     kw = {}
-    if variant == "bf16-mixed":
-        kw["precision"] = "bf16-mixed"
+    if variant in ("bf16-mixed", "64-true"):
+        kw["precision"] = variant
     elif variant == "channels_last":
         model = model.to(memory_format=torch.channels_last)
     else:
