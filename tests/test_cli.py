@@ -100,3 +100,18 @@ def test_report_from_a_checkpoint(tmp_path):
     assert main(["report", str(tmp_path / "ckpt" / "last.ckpt"), "--out", str(out)]) == 0
     page = out.read_text()
     assert page.count("data:image/png;base64,") >= 2 and "<td>2</td>" in page
+
+
+def test_report_with_one_hot_targets_in_the_saved_probe(demo_run, tmp_path):
+    import shutil
+
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)
+    (probe_file,) = run.rglob("anomaly_probe.pt")
+    probe = torch.load(probe_file, weights_only=True)
+    probe["targets"] = torch.nn.functional.one_hot(probe["targets"].long(), 10).float()
+    torch.save(probe, probe_file)
+    assert main(["report", str(run), "--format", "png", "--out", str(tmp_path / "png")]) == 0
+    assert list((tmp_path / "png").glob("*.png"))
