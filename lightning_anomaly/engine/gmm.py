@@ -35,6 +35,7 @@ __all__ = ["MixtureFit", "fit_gmm", "uniform_width"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 _EPS = 10.0 * torch.finfo(torch.float64).eps
+_LOG_TINY = -80.0  # exp() stays a normal float32 (smallest normal ~1.2e-38, e^-87.3)
 # Problems x samples x components held at once on a CPU: keeps E-step temporaries in cache.
 _CPU_CHUNK_ELEMENTS = 1 << 20
 # Same bound on an accelerator, where bigger batches are better but memory is finite.
@@ -128,7 +129,9 @@ def _e_step(feats_t: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     """Responsibilities ``(B, K, N)`` and mean log-likelihood per problem ``(B,)`` (float64)."""
     resp = torch.bmm(w, feats_t)  # log-densities, turned into responsibilities in place
     top = resp.amax(dim=1, keepdim=True)
-    resp.sub_(top).exp_()
+    # Clamped above float32's underflow: exp of such arguments is tens of times slower on CPUs, and
+    # a responsibility of exp(-80) ~ 2e-35 next to the largest one (1) changes no sum.
+    resp.sub_(top).clamp_(min=_LOG_TINY).exp_()
     total = resp.sum(dim=1, keepdim=True)
     resp.div_(total)
     loglik = (top + total.log()).squeeze(1)
