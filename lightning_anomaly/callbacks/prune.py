@@ -192,6 +192,13 @@ class AnomalyPruneCallback(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._owns_monitor:
+            if stage == "fit" and any(
+                isinstance(cb, AnomalyFilterCallback) for cb in getattr(trainer, "callbacks", [])
+            ):
+                raise ValueError(
+                    "the Trainer has an AnomalyFilterCallback, and this AnomalyPruneCallback was given no monitor, "
+                    "so it would analyse a second time with its own; pass yours: AnomalyPruneCallback(monitor=...)"
+                )
             self.monitor.setup(trainer, pl_module, stage)
         elif stage == "fit" and self.monitor not in getattr(trainer, "callbacks", []):
             raise ValueError(

@@ -145,9 +145,12 @@ def test_constructor_errors():
 
 
 def test_monitor_must_be_in_the_trainer(tmp_path):
-    _, pruner = make()
+    monitor, pruner = make()
     with pytest.raises(ValueError, match="not among the Trainer's callbacks"):
         run(tmp_path, [pruner])
+    # The other way round: a monitor in the Trainer, and a pruner that would make a second one.
+    with pytest.raises(ValueError, match=r"pass yours: AnomalyPruneCallback\(monitor=\.\.\.\)"):
+        run(tmp_path, [monitor, AnomalyPruneCallback(trigger="epochs", epochs=[1])])
 
 
 def test_pruning_sends_the_probe_as_the_monitor_does(tmp_path):
