@@ -65,6 +65,7 @@ def test_report_ch_histograms_for_chosen_epochs(demo_run, tmp_path, capsys):
         ("list.json", b"[]", "is not an anomaly history written by AnomalyFilterCallback"),
         ("partial.json", b'{"history": [{"epoch": 0}]}', "is not an anomaly history written by AnomalyFilterCallback"),
         ("broken.json", b'{"history": [', "cannot be read (JSONDecodeError"),
+        ("binary.json", b"\xff\xfe\x00garbage", "cannot be read (UnicodeDecodeError"),
     ],
 )
 def test_report_on_corrupt_files_says_which_file_and_why(tmp_path, capsys, name, content, message):

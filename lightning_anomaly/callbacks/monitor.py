@@ -21,7 +21,7 @@ from typing_extensions import override
 
 from lightning_anomaly.criteria import AnomalyCriteria
 from lightning_anomaly.engine.analyze import analyze, model_inputs
-from lightning_anomaly.engine.capture import eval_mode, select_layers
+from lightning_anomaly.engine.capture import eval_mode, named_exactly, select_layers
 from lightning_anomaly.engine.gradients import per_sample_grad_norms
 from lightning_anomaly.logging import (
     custom_scalars_layout,
@@ -221,7 +221,12 @@ class AnomalyFilterCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history), "probe_indices": self.probe_indices, "version": 1}
+        return {
+            "history": list(self.history),
+            "probe_indices": self.probe_indices,
+            "probe_size": self.probe_size,
+            "version": 1,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -230,10 +235,12 @@ class AnomalyFilterCallback(Callback):
         if indices is not None and not self._explicit_probe and indices != self.probe_indices:
             self.probe_indices = [int(i) for i in indices]
             self._probe = None  # re-read the restored indices at the next train start
-            if len(self.probe_indices) != self.probe_size:
+            saved = state_dict.get("probe_size", self.probe_size)
+            if saved != self.probe_size:
                 rank_zero_warn(
-                    f"AnomalyFilterCallback: resuming with the checkpoint's probe of {len(self.probe_indices)} "
-                    f"samples, not probe_size={self.probe_size}, so that the history stays comparable"
+                    f"AnomalyFilterCallback: resuming with the checkpoint's probe (probe_size={saved}, "
+                    f"{len(self.probe_indices)} samples), not probe_size={self.probe_size}, so that the history "
+                    "stays comparable"
                 )
 
     @property
@@ -288,11 +295,12 @@ class AnomalyFilterCallback(Callback):
         self._analysed_epoch = None
         self._layout_written = False
         self._grad_checked = False
-        if trainer.current_epoch == 0 and not self._explicit_probe:
+        if trainer.current_epoch == 0:
             # A new fit (a resumed one gets its state back from the checkpoint after this): its own
-            # training data, so its own probe and history. The previous list is left as it was.
-            self._probe, self.probe_indices = None, None
+            # history (the previous list is left as it was) and, unless given, its own probe.
             self.history, self.last_report = [], None
+            if not self._explicit_probe:
+                self._probe, self.probe_indices = None, None
 
     def _check_siblings(self, trainer: Trainer) -> None:
         for other in trainer.callbacks:  # type: ignore[attr-defined]
@@ -360,6 +368,8 @@ class AnomalyFilterCallback(Callback):
         """
         if self._probe is None:
             self._probe = self._load_probe(trainer)
+        if not self._grad_checked:  # called outside a fit's on_train_start: check before choosing layers
+            self._grad_targets = self._check_probe_runs(trainer, pl_module)
         if self.distribute and trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             return self._run_split(trainer, pl_module)
         payload: Any = None
@@ -419,8 +429,6 @@ class AnomalyFilterCallback(Callback):
         """Cluster ``layers`` (``None`` report when empty) and compute gradient norms of ``grad_rows``."""
         assert self._probe is not None
         x = self._probe[0]
-        if not self._grad_checked:  # run_analysis called outside a fit's on_train_start
-            self._grad_targets = self._check_probe_runs(trainer, pl_module)
         targets = self._grad_targets
         forward = self._forward(trainer)
         progress = None
@@ -502,13 +510,17 @@ class AnomalyFilterCallback(Callback):
         return self._targets_for_grads(out, pl_module)
 
     def _keep_running_layers(self, ran: set[str]) -> None:
-        """Leave out default layers that do not run in eval mode; chosen ones must run."""
+        """Leave out layers matched by default, class or pattern that do not run in eval mode; named ones must run."""
         idle = [name for name in self._layer_names if name not in ran]
         if not idle:
             return
-        chosen = self.layers is not None or type(self).select_layers is not AnomalyFilterCallback.select_layers
-        listed = ", ".join(repr(n) for n in idle[:6]) + (" ..." if len(idle) > 6 else "")
-        if chosen or len(idle) == len(self._layer_names):
+        if type(self).select_layers is not AnomalyFilterCallback.select_layers:
+            required = set(self._layer_names)  # an override chose them: all must run
+        else:
+            required = named_exactly(self.layers)
+        must = [name for name in idle if name in required]
+        listed = ", ".join(repr(n) for n in (must or idle)[:6]) + (" ..." if len(must or idle) > 6 else "")
+        if must or len(idle) == len(self._layer_names):
             raise ValueError(
                 f"layers {listed} do not run when the probe goes through the model in eval mode; drop them from "
                 "layers=[...] or check the model's forward (forward_fn=...)"

@@ -191,16 +191,25 @@ class AnomalyPruneCallback(Callback):
     # ----------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        callbacks = getattr(trainer, "callbacks", [])
+        if stage == "fit" and trainer.current_epoch == 0:
+            # A new fit (a resumed one gets its state back from the checkpoint after this): nothing
+            # of a previous fit's masks, events or place in the monitor's history carries over.
+            self.masks, self.batchnorms, self.events = {}, {}, []
+            self._last_prune_analysis = 0
         if self._owns_monitor:
             if stage == "fit" and any(
-                isinstance(cb, AnomalyFilterCallback) for cb in getattr(trainer, "callbacks", [])
+                isinstance(cb, AnomalyFilterCallback)
+                or (isinstance(cb, AnomalyPruneCallback) and cb is not self and cb._owns_monitor)
+                for cb in callbacks
             ):
                 raise ValueError(
-                    "the Trainer has an AnomalyFilterCallback, and this AnomalyPruneCallback was given no monitor, "
-                    "so it would analyse a second time with its own; pass yours: AnomalyPruneCallback(monitor=...)"
+                    "this AnomalyPruneCallback was given no monitor, but the Trainer already has an "
+                    "AnomalyFilterCallback (or another pruner with its own), so the analysis would run twice; "
+                    "pass one monitor to every pruner: AnomalyPruneCallback(monitor=...)"
                 )
             self.monitor.setup(trainer, pl_module, stage)
-        elif stage == "fit" and self.monitor not in getattr(trainer, "callbacks", []):
+        elif stage == "fit" and self.monitor not in callbacks:
             raise ValueError(
                 "the monitor given to AnomalyPruneCallback is not among the Trainer's callbacks; add it: "
                 "Trainer(callbacks=[monitor, pruner])"

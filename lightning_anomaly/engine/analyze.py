@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_anomaly.criteria import AnomalyCriteria
-from lightning_anomaly.engine.capture import LayerCapture, LayerSpec, capture_layers, select_layers
+from lightning_anomaly.engine.capture import LayerCapture, LayerSpec, capture_layers, named_exactly, select_layers
 from lightning_anomaly.engine.gmm import fit_gmm, uniform_width
 from lightning_anomaly.engine.gradients import LossFn, per_sample_grad_norms
 from lightning_anomaly.engine.pca import batched_pca
@@ -175,8 +175,9 @@ def analyze(
             parameter dtype.
         targets: ``(N,)`` labels (or whatever ``loss_fn`` takes) to compare gradient norms.
         criteria: Settings and flagging rules; :class:`AnomalyCriteria` defaults when omitted.
-        layers: Names, glob patterns or module classes; every ``nn.Conv2d`` that runs in the
-            probe forward when omitted (auxiliary heads that only run in training are left out).
+        layers: Names, glob patterns or module classes; every ``nn.Conv2d`` when omitted. Modules
+            matched by default, by class or by pattern that do not run in the probe forward
+            (auxiliary heads that only run in training) are left out; exact names must run.
         backend: ``"torch"`` (batched, on ``device``) or ``"sklearn"`` (the per-filter reference).
         device: Where to run; the model's device when omitted.
         seed: Seed of the mixture initialisation (a private generator).
@@ -225,9 +226,17 @@ def analyze(
     x = model_inputs(model, inputs, device)
 
     pca = sklearn_pca if backend == "sklearn" else batched_pca
-    # Layers chosen by default that do not run in eval mode (auxiliary heads) are left out; named ones must run.
+    # Layers chosen by default, by class or by pattern that do not run in eval mode (auxiliary heads)
+    # are left out; layers named exactly must run.
     captures = capture_layers(
-        model, x, sites, criteria.n_components, pca=pca, forward=forward, on_layer=on_layer, skip_missing=layers is None
+        model,
+        x,
+        sites,
+        criteria.n_components,
+        pca=pca,
+        forward=forward,
+        on_layer=on_layer,
+        required=named_exactly(layers),
     )
     if not captures:
         raise ValueError(

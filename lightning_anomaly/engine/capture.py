@@ -12,7 +12,7 @@ i-th later call is named ``"<name>#<i>"`` (``"block#1"`` for the second call).
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -87,6 +87,18 @@ def _describe(names: Sequence[str], limit: int = 12) -> str:
     shown = ", ".join(repr(n) for n in names[:limit])
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return shown + more
+
+
+def named_exactly(layers: Sequence[LayerSpec] | LayerSpec | None) -> set[str]:
+    """The entries of ``layers`` that name one module exactly (not a pattern or a class).
+
+    Those must run in the probe forward; modules matched by a pattern, a class or the default
+    selection may be left out when they do not (auxiliary heads that only run in training).
+    """
+    if layers is None:
+        return set()
+    specs = [layers] if isinstance(layers, (str, type)) else list(layers)
+    return {s for s in specs if isinstance(s, str) and not any(ch in s for ch in "*?[")}
 
 
 def select_layers(model: nn.Module, layers: Sequence[LayerSpec] | None = None) -> list[tuple[str, nn.Module]]:
@@ -215,7 +227,7 @@ def capture_layers(
     pca: PCAFn = batched_pca,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     on_layer: Callable[[str], None] | None = None,
-    skip_missing: bool = False,
+    required: Collection[str] | None = None,
 ) -> list[LayerCapture]:
     """Run one probe forward and return the reduced output of every selected site.
 
@@ -233,12 +245,11 @@ def capture_layers(
         pca: Batched PCA function (the reference backend passes scikit-learn's).
         forward: How to call the model; defaults to ``model(inputs)``.
         on_layer: Called with each site name once it is reduced (progress reporting).
-        skip_missing: Leave out selected modules that did not run (auxiliary heads that only run
-            in training mode) instead of raising.
+        required: Names of the selected modules that must run (all of them when ``None``);
+            others that did not run (auxiliary heads that only run in training) are left out.
 
     Raises:
-        ValueError: A selected module's output is not a 4-D tensor, or (without ``skip_missing``)
-            a selected module never ran.
+        ValueError: A selected module's output is not a 4-D tensor, or a required module never ran.
     """
     calls: dict[str, int] = {}
     out: list[LayerCapture] = []
@@ -280,8 +291,8 @@ def capture_layers(
     # Definition order (then call order): the same whichever subset of layers one call analyses.
     rank = {name: i for i, (name, _) in enumerate(layers)}
     out.sort(key=lambda cap: (rank[cap.module_name], cap.call_index))
-    missing = [name for name, _ in layers if name not in calls]
-    if missing and not skip_missing:
+    missing = [name for name, _ in layers if name not in calls and (required is None or name in required)]
+    if missing:
         raise ValueError(
             f"layers {_describe(missing)} did not run in the probe forward; drop them from layers=[...] "
             "or check the model's forward"

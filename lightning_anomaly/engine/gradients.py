@@ -136,6 +136,8 @@ def _owners(model: nn.Module) -> list[nn.Module] | None:
         names = {name for name, _ in m.named_parameters(recurse=False)}
         if not names <= {"weight", "bias", "weight_orig", "bias_orig"}:
             return None  # another reparametrisation (weight_norm's g and v...)
+        if any(name.endswith("_orig") and not _pruned(m, name.removesuffix("_orig")) for name in names):
+            return None  # <name>_orig without a pruning mask: spectral_norm and the like
         if not (_channel_mask_only(m, "weight") and _channel_mask_only(m, "bias")):
             return None
     return owners
@@ -147,6 +149,16 @@ def _trainable(m: nn.Module, base: str) -> bool:
     if param is None:
         param = getattr(m, base, None)
     return isinstance(param, nn.Parameter) and param.requires_grad
+
+
+def _pruned(m: nn.Module, base: str) -> bool:
+    """Whether ``m.<base>`` is ``<base>_orig * <base>_mask`` from ``torch.nn.utils.prune``."""
+    from torch.nn.utils.prune import BasePruningMethod
+
+    hooks = m._forward_pre_hooks.values()
+    return getattr(m, base + "_mask", None) is not None and any(
+        isinstance(h, BasePruningMethod) and getattr(h, "_tensor_name", None) == base for h in hooks
+    )
 
 
 def _mask_rows(m: nn.Module, base: str) -> Tensor | None:
@@ -175,13 +187,14 @@ def _keep_view(m: nn.Module, base: str, shape: tuple[int, ...], dtype: torch.dty
 def _sq_matmul_norm(a: Tensor, d: Tensor) -> Tensor:
     """``||D_i A_i^T||_F^2`` per sample for ``a`` ``(n, g, Din, T)`` and ``d`` ``(n, g, Dout, T)``.
 
-    Products and sums of squares run in the inputs' precision (at least float32); the ghost norm,
-    whose terms may cancel, is summed in float64.
+    ``G_i = D_i A_i^T`` and its sum of squares run in the inputs' precision (at least float32). The
+    ghost norm, a sum of terms of either sign that can cancel, runs in float64 throughout (it is
+    taken only when the positions ``T`` are few, so this is cheap).
     """
     din, dout, t = a.shape[2], d.shape[2], a.shape[3]
     if t * t * (din + dout) < din * dout * t:
-        # Ghost norm over positions: sum of (A^T A) * (D^T D), whose terms may have either sign.
-        return ((a.mT @ a).double() * (d.mT @ d).double()).sum((1, 2, 3))
+        a, d = a.double(), d.double()
+        return ((a.mT @ a) * (d.mT @ d)).sum((1, 2, 3)).clamp_min(0.0)
     return (d @ a.mT).square().sum((1, 2, 3)).double()
 
 

@@ -61,10 +61,10 @@ def read_history(path: Path) -> dict[str, Any]:
     """
     try:
         doc = _load_checkpoint(path) if path.suffix == ".ckpt" else json.loads(path.read_text())
-    except ValueError as err:
-        if not isinstance(err, json.JSONDecodeError):
-            raise  # ours, already naming the file
-        raise ValueError(f"{path} cannot be read (JSONDecodeError: {err})") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err})") from err
+    except ValueError:
+        raise  # ours, already naming the file
     except Exception as err:  # unpickling, truncated zip, undecodable text...
         raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err})") from err
     history = doc.get("history") if isinstance(doc, dict) else None
@@ -100,13 +100,11 @@ def _ch_over_epochs(plt: Any, history: list[dict[str, Any]], epochs: list[int] |
     if epochs:
         chosen = [h for h in with_hist if h["epoch"] + 1 in set(epochs)]
         missing = sorted(set(epochs) - {h["epoch"] + 1 for h in chosen})
-        if missing and chosen:
+        if missing:
             raise ValueError(f"no analysis at epochs {missing}; analysed epochs: {[h['epoch'] + 1 for h in with_hist]}")
     else:
         picks = sorted({0, len(with_hist) // 2, len(with_hist) - 1})
         chosen = [with_hist[i] for i in picks]
-    if not chosen:
-        raise ValueError(f"no analysis at epochs {epochs}; analysed epochs: {[h['epoch'] + 1 for h in with_hist]}")
     layers = list(chosen[-1]["layer_ch_hist"])[:12]
     cols = min(4, len(layers))
     rows = math.ceil(len(layers) / cols)

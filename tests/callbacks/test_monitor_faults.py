@@ -38,9 +38,14 @@ def test_analyze_under_autocast_matches_full_precision_pca():
     x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = analyze(net, x)
-    # The first layer's maps are computed in bf16 under autocast; its PCA must still run (float32).
-    assert mixed.layers["0"].explained.dtype == torch.float32
-    assert torch.isfinite(mixed.layers["0"].ch).all()
+    # The first layer's maps are computed in bf16 under autocast; its PCA must still run (float32)
+    # and see nearly what full precision sees.
+    full = analyze(net, x)
+    for name in ("0", "2"):
+        assert mixed.layers[name].explained.dtype == torch.float32
+        assert torch.isfinite(mixed.layers[name].ch).all()
+        assert torch.allclose(mixed.layers[name].explained, full.layers[name].explained, atol=0.03)
+        assert torch.allclose(mixed.layers[name].activation, full.layers[name].activation, rtol=0.03)
 
 
 class NoForward(Net):
@@ -74,6 +79,13 @@ def test_a_second_fit_gets_its_own_probe_history_and_epoch_zero(tmp_path):
     assert [h["epoch"] for h in monitor.history] == [0, 1]  # epoch 0 of the second fit is analysed
     assert max(monitor.probe_indices) < 40 and monitor.probe_indices != first_indices
     assert [h["epoch"] for h in first_history] == [0]  # the first fit's list is left as it was
+    # With an explicit probe the probe stays, and the history still starts over.
+    explicit = AnomalyFilterCallback(probe=make_data(24).tensors)
+    quiet_fit(tmp_path / "c", [explicit], max_epochs=1)
+    quiet_fit(tmp_path / "d", [explicit], max_epochs=2)
+    assert [h["epoch"] for h in explicit.history] == [0, 1] and explicit.probe_indices is None
+    doc = json.loads((tmp_path / "d" / "anomaly_history.json").read_text())
+    assert [h["epoch"] for h in doc["history"]] == [0, 1]
 
 
 class Int32Labels(Net):
@@ -242,10 +254,17 @@ def test_default_layers_that_only_run_in_training_are_left_out(tmp_path):
     with pytest.raises(ValueError, match="layers 'aux' do not run when the probe goes through the model in eval"):
         trainer.fit(WithAuxHead())
     assert trainer.global_step == 0
-    # The engine alike: default layers skip it, named ones must run.
+    # Chosen by class or pattern, it is left out like a default one.
+    by_class = AnomalyFilterCallback(probe_size=24, layers=[nn.Conv2d], prefix="c/", history_file=None)
+    by_glob = AnomalyFilterCallback(probe_size=24, layers=["conv1", "a*"], prefix="g/", history_file=None)
+    quiet_fit(tmp_path / "more", [by_class, by_glob], max_epochs=1, model=WithAuxHead())
+    assert list(by_class.last_report.layers) == ["conv1", "conv2"]
+    assert list(by_glob.last_report.layers) == ["conv1"]
+    # The engine alike: default, class and pattern selections skip it; exact names must run.
     model = WithAuxHead().eval()
     x = make_data(24).tensors[0]
     assert list(analyze(model, x).layers) == ["conv1", "conv2"]
+    assert list(analyze(model, x, layers=[nn.Conv2d]).layers) == ["conv1", "conv2"]
     with pytest.raises(ValueError, match="did not run in the probe forward"):
         analyze(model, x, layers=["aux"])
 

@@ -149,7 +149,7 @@ def test_monitor_must_be_in_the_trainer(tmp_path):
     with pytest.raises(ValueError, match="not among the Trainer's callbacks"):
         run(tmp_path, [pruner])
     # The other way round: a monitor in the Trainer, and a pruner that would make a second one.
-    with pytest.raises(ValueError, match=r"pass yours: AnomalyPruneCallback\(monitor=\.\.\.\)"):
+    with pytest.raises(ValueError, match=r"pass one monitor to every pruner: AnomalyPruneCallback\(monitor=\.\.\.\)"):
         run(tmp_path, [monitor, AnomalyPruneCallback(trigger="epochs", epochs=[1])])
 
 
@@ -169,3 +169,12 @@ def test_pruning_sends_the_probe_as_the_monitor_does(tmp_path):
     assert set(pruner.pruned) <= set(pruner.batchnorms)
     if "conv1" in pruner.pruned:
         assert pruner.batchnorms["conv1"] == "bn1"  # found by the forward that went through forward_fn
+
+
+def test_a_second_fit_starts_without_the_first_fits_masks(tmp_path):
+    monitor, pruner = make()
+    run(tmp_path / "a", [monitor, pruner])
+    assert [e["epoch"] for e in pruner.events] == [1] and pruner.masks
+    _, fresh = run(tmp_path / "b", [monitor, pruner], max_epochs=1)  # ends before the epoch-1 prune
+    assert pruner.events == [] and pruner.masks == {}
+    assert all(not any(k.endswith("_mask") for k, _ in m.named_buffers()) for m in fresh.modules())

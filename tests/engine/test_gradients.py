@@ -173,9 +173,31 @@ def test_other_reparametrisations_take_the_exact_fallback():
     prune.random_unstructured(unstructured.c2, "weight", amount=0.5)
     normed = SiLUNet()
     normed.c1 = torch.nn.utils.weight_norm(normed.c1)  # weight_g and weight_v
-    for net in (unstructured, normed):
+    spectral = SiLUNet()
+    spectral.c2 = torch.nn.utils.spectral_norm(spectral.c2)  # weight_orig without a pruning mask
+    for net in (unstructured, normed, spectral.eval()):
         with pytest.raises(ValueError, match="method='ghost' covers"):
             per_sample_grad_norms(net, x, y, method="ghost")
         assert torch.allclose(
             per_sample_grad_norms(net, x, y), per_sample_grad_norms(net, x, y, method="loop"), rtol=1e-4
         )
+
+
+def test_ghost_norm_sums_that_cancel_stay_exact():
+    # Inputs centred over positions and a mean over them: the ghost terms cancel almost exactly.
+    class Pooled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(64, 64, bias=False)
+
+        def forward(self, x):
+            return self.lin(x).mean(1)
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 4, 64)
+    x = x - x.mean(1, keepdim=True)
+    y = torch.randint(0, 64, (32,))
+    net = Pooled()
+    ghost = per_sample_grad_norms(net, x, y, method="ghost")
+    assert torch.isfinite(ghost).all()
+    assert torch.allclose(ghost, per_sample_grad_norms(net, x, y, method="loop"), rtol=1e-3, atol=1e-6)
