@@ -75,6 +75,13 @@ class Net(LightningModule):
         return DataLoader(make_data(48, seed=1), batch_size=16)
 
 
+class PerRankData(Net):
+    """Each rank trains on its own data (no DistributedSampler): the probe must still be rank 0's."""
+
+    def train_dataloader(self):
+        return DataLoader(make_data(self.hparams.n, seed=10 + self.global_rank), batch_size=16, shuffle=True)
+
+
 FAST = dict(
     enable_progress_bar=False,
     enable_model_summary=False,
@@ -107,6 +114,7 @@ class RecordingMonitor(AnomalyFilterCallback):
         doc = {
             "world_size": trainer.world_size,
             "probe_indices": self.probe_indices,
+            "probe_sum": float(self.probe[0].double().sum()),
             "history": [{k: v for k, v in h.items() if k not in ("metrics", "seconds")} for h in self.history],
             "report": _report_digest(self.last_report),
             "grad_norms": None if self.last_report.grad_norms is None else self.last_report.grad_norms.tolist(),

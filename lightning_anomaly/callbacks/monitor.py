@@ -177,6 +177,8 @@ class AnomalyFilterCallback(Callback):
             raise ValueError(f"every_n_epochs must be an int >= 1, got {every_n_epochs!r}")
         if backend not in ("torch", "sklearn"):
             raise ValueError(f"backend must be 'torch' or 'sklearn', got {backend!r}")
+        if save_probe and history_file is None:
+            raise ValueError("save_probe=True saves the probe next to the JSON history; give a history_file too")
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a string, got {prefix!r}")
         if state_key is not None and not isinstance(state_key, str):
@@ -319,8 +321,7 @@ class AnomalyFilterCallback(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._probe is None:
-            self._probe = self._load_probe(trainer)
+        self._share_probe(trainer)
         self._grad_targets = self._check_probe_runs(trainer, pl_module)
         if self.save_probe:
             self._write_probe(trainer)
@@ -465,6 +466,28 @@ class AnomalyFilterCallback(Callback):
             else:
                 grads = torch.zeros(0, dtype=torch.float64)
         return report, grads
+
+    def _share_probe(self, trainer: Trainer) -> None:
+        """Rank 0's probe on every rank, read from this fit's training data.
+
+        A drawn probe is read again at every train start (a fit continued on other data reads the
+        same indices from it, or fails clearly); rank 0 reads it, or holds the explicit one, and
+        broadcasts it, so ranks with their own data or their own explicit probes agree.
+        """
+        payload: Any = None
+        if trainer.is_global_zero:
+            try:
+                if not self._explicit_probe:
+                    self._probe = self._load_probe(trainer)
+                assert self._probe is not None
+                payload = (self._probe, self.probe_indices)
+            except Exception as err:  # re-raised on every rank after the broadcast
+                payload = err
+        if trainer.world_size > 1:
+            payload = trainer.strategy.broadcast(payload, src=0)
+        if isinstance(payload, BaseException):
+            raise payload
+        self._probe, self.probe_indices = payload
 
     def _forward(self, trainer: Trainer) -> Callable[[Any, Tensor], Any]:
         """How the probe goes through the model: ``forward_fn`` or ``model(x)``, as in training."""
@@ -634,7 +657,15 @@ class AnomalyFilterCallback(Callback):
         self.history.append(entry)
         scalars = report_scalars(report, self.prefix)
         for name, value in scalars.items():
-            pl_module.log(name, value, on_step=False, on_epoch=True, prog_bar=name == f"{self.prefix}count")
+            # The same value on every rank: sync_dist keeps Lightning's epoch-level reduction quiet and exact.
+            pl_module.log(
+                name,
+                value,
+                on_step=False,
+                on_epoch=True,
+                prog_bar=name == f"{self.prefix}count",
+                sync_dist=trainer.world_size > 1,
+            )
         if trainer.is_global_zero:
             for lg in trainer.loggers:
                 if isinstance(lg, TensorBoardLogger):

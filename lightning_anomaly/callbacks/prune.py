@@ -18,7 +18,9 @@ from lightning_anomaly.callbacks.monitor import AnomalyFilterCallback
 from lightning_anomaly.engine.analyze import model_inputs
 from lightning_anomaly.engine.masking import (
     apply_channel_mask,
+    channel_masks,
     find_following_batchnorm,
+    fold_masks,
     fold_pruned_state_dict,
     make_permanent,
 )
@@ -167,7 +169,7 @@ class AnomalyPruneCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(prefix=self.prefix, monitor=self.monitor.state_key)
+        return self._generate_state_key(prefix=self.prefix)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -191,29 +193,42 @@ class AnomalyPruneCallback(Callback):
     # ----------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        callbacks = getattr(trainer, "callbacks", [])
-        if stage == "fit" and trainer.current_epoch == 0:
-            # A new fit (a resumed one gets its state back from the checkpoint after this): nothing
-            # of a previous fit's masks, events or place in the monitor's history carries over.
-            self.masks, self.batchnorms, self.events = {}, {}, []
+        callbacks = list(getattr(trainer, "callbacks", []))
+        # A monitor the Trainer does not hold (none given, or one built inside this callback's config by
+        # LightningCLI) is driven by this callback.
+        self._owns_monitor = self.monitor not in callbacks
+        if stage != "fit":
+            # Checkpoints hold folded weights (plain keys): fold the masks first, so that validate/test/
+            # predict(ckpt_path=...) can load one. Outputs are the same; a later fit re-applies the masks.
+            fold_masks(pl_module, [*self.masks, *(bn for bn in self.batchnorms.values() if bn)])
+            return
+        others = [
+            cb
+            for cb in callbacks
+            if isinstance(cb, AnomalyFilterCallback)
+            or (isinstance(cb, AnomalyPruneCallback) and cb is not self and cb.monitor not in callbacks)
+        ]
+        if self._owns_monitor and others:
+            raise ValueError(
+                "this AnomalyPruneCallback drives its own monitor, but the Trainer already has an "
+                "AnomalyFilterCallback (or another pruner with its own), so the analysis would run twice; add one "
+                "monitor to the Trainer and pass it to every pruner: AnomalyPruneCallback(monitor=...)"
+            )
+        unseen = [e for e in self.epochs if (e + 1) % self.monitor.every_n_epochs]
+        if self.trigger == "epochs" and unseen:
+            raise ValueError(
+                f"epochs {unseen} are not analysed by the monitor (every_n_epochs={self.monitor.every_n_epochs} "
+                f"analyses epochs {self.monitor.every_n_epochs - 1}, {2 * self.monitor.every_n_epochs - 1}, ...), "
+                "so nothing would be pruned then; choose analysed epochs"
+            )
+        if trainer.current_epoch == 0:
+            # A new fit (a resumed one gets its state back from the checkpoint after this): nothing of a
+            # previous fit's events or place in the monitor's history carries over; masks still in the
+            # model (make_permanent=False) are adopted, so the limits count them.
+            self.masks, self.batchnorms, self.events = channel_masks(pl_module), {}, []
             self._last_prune_analysis = 0
         if self._owns_monitor:
-            if stage == "fit" and any(
-                isinstance(cb, AnomalyFilterCallback)
-                or (isinstance(cb, AnomalyPruneCallback) and cb is not self and cb._owns_monitor)
-                for cb in callbacks
-            ):
-                raise ValueError(
-                    "this AnomalyPruneCallback was given no monitor, but the Trainer already has an "
-                    "AnomalyFilterCallback (or another pruner with its own), so the analysis would run twice; "
-                    "pass one monitor to every pruner: AnomalyPruneCallback(monitor=...)"
-                )
             self.monitor.setup(trainer, pl_module, stage)
-        elif stage == "fit" and self.monitor not in callbacks:
-            raise ValueError(
-                "the monitor given to AnomalyPruneCallback is not among the Trainer's callbacks; add it: "
-                "Trainer(callbacks=[monitor, pruner])"
-            )
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -375,7 +390,7 @@ class AnomalyPruneCallback(Callback):
         for name, keep in self.masks.items():
             values[f"{self.prefix}pruned/{name}"] = float((~keep).sum())
         for key, value in values.items():
-            pl_module.log(key, value, on_step=False, on_epoch=True)
+            pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=trainer.world_size > 1)
         if event is not None and trainer.is_global_zero:
             text = f"epoch {event['epoch']}: masked {event['n_pruned']} filters: " + "; ".join(
                 f"{n} {c}" for n, c in event["pruned"].items()

@@ -11,7 +11,7 @@ from tests.helpers import Net, RecordingMonitor
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 
 
-def ddp_trainer(tmp_path, callbacks, max_epochs=2, logger=False, checkpointing=False):
+def ddp_trainer(tmp_path, callbacks, max_epochs=2, logger=False, checkpointing=False, **kw):
     """Two CPU processes (gloo) with ddp_spawn: results are asserted inside the workers via files."""
     return Trainer(
         strategy="ddp_spawn",
@@ -24,6 +24,7 @@ def ddp_trainer(tmp_path, callbacks, max_epochs=2, logger=False, checkpointing=F
         enable_model_summary=False,
         enable_checkpointing=checkpointing,
         default_root_dir=tmp_path,
+        **kw,
     )
 
 
@@ -89,3 +90,17 @@ def test_split_analysis_equals_single_process(tmp_path):
         assert ranks[0]["report"][name]["labels"] == layer.labels.tolist()
     grads = per_sample_grad_norms(model, x, y)
     assert torch.allclose(torch.tensor(ranks[0]["grad_norms"], dtype=torch.float64), grads, rtol=1e-4)
+
+
+@pytest.mark.parametrize("distribute", [True, False])
+def test_ranks_with_their_own_data_share_rank_zeros_probe(tmp_path, distribute):
+    from tests.helpers import PerRankData
+
+    seed_everything(0)
+    monitor = RecordingMonitor(str(tmp_path), probe_size=24, distribute=distribute)
+    trainer = ddp_trainer(tmp_path, [monitor], max_epochs=1, use_distributed_sampler=False)
+    trainer.fit(PerRankData())
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["probe_indices"] == ranks[1]["probe_indices"]
+    assert ranks[0]["probe_sum"] == ranks[1]["probe_sum"]
+    assert ranks[0]["history"] == ranks[1]["history"] and ranks[0]["report"] == ranks[1]["report"]

@@ -302,3 +302,20 @@ def test_frozen_model_with_targets_fails_before_clustering():
     with pytest.raises(ValueError, match=r"no trainable parameter.*call analyze without targets"):
         analyze(net, x, y)
     assert analyze(net, x).n_filters == 4
+
+
+def test_a_continued_fit_reads_its_probe_from_the_current_data(tmp_path):
+    monitor = AnomalyFilterCallback(probe_size=64)
+    seed_everything(0)
+    trainer = Trainer(default_root_dir=tmp_path, max_epochs=1, callbacks=[monitor], logger=False, **FAST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Net(n=96))
+        trainer.fit_loop.max_epochs = 2
+        with pytest.raises(ValueError, match=r"restored probe reaches dataset index .* training dataset has 40"):
+            trainer.fit(Net(n=40))  # continues at epoch 1, on fewer samples than the probe's indices reach
+
+
+def test_save_probe_needs_a_history_file():
+    with pytest.raises(ValueError, match="save_probe=True saves the probe next to the JSON history"):
+        AnomalyFilterCallback(save_probe=True, history_file=None)

@@ -2,6 +2,7 @@ import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
 
 from lightning_anomaly import AnomalyCriteria, AnomalyFilterCallback, AnomalyPruneCallback
 from tests.helpers import FAST, LENIENT, Net, channel_outputs, make_data
@@ -144,13 +145,33 @@ def test_constructor_errors():
         AnomalyPruneCallback(monitor=object())
 
 
-def test_monitor_must_be_in_the_trainer(tmp_path):
+def test_a_monitor_outside_the_trainer_is_driven_by_the_pruner(tmp_path):
+    # As LightningCLI builds it from YAML: the monitor configured inside the pruner, not in the Trainer.
     monitor, pruner = make()
-    with pytest.raises(ValueError, match="not among the Trainer's callbacks"):
-        run(tmp_path, [pruner])
-    # The other way round: a monitor in the Trainer, and a pruner that would make a second one.
-    with pytest.raises(ValueError, match=r"pass one monitor to every pruner: AnomalyPruneCallback\(monitor=\.\.\.\)"):
-        run(tmp_path, [monitor, AnomalyPruneCallback(trigger="epochs", epochs=[1])])
+    run(tmp_path, [pruner])
+    assert [h["epoch"] for h in monitor.history] == [0, 1, 2] and pruner.n_pruned > 0
+    # A monitor in the Trainer and a pruner that would drive a second one: the analysis would run twice.
+    with pytest.raises(ValueError, match=r"pass it to every pruner: AnomalyPruneCallback\(monitor=\.\.\.\)"):
+        run(tmp_path, [make()[0], AnomalyPruneCallback(trigger="epochs", epochs=[1])])
+
+
+def test_epochs_the_monitor_does_not_analyse_are_an_error(tmp_path):
+    monitor = AnomalyFilterCallback(probe_size=32, every_n_epochs=2)
+    pruner = AnomalyPruneCallback(monitor, trigger="epochs", epochs=[1, 2])
+    with pytest.raises(ValueError, match=r"epochs \[2\] are not analysed by the monitor \(every_n_epochs=2"):
+        run(tmp_path, [monitor, pruner])
+
+
+def test_validate_and_predict_load_checkpoints_with_masks_kept(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    monitor, pruner = make(make_permanent=False)
+    trainer, model = run(tmp_path, [monitor, pruner, ckpt], max_epochs=2)
+    assert pruner.n_pruned > 0 and any(k.endswith("_mask") for k in model.state_dict())
+    expected = trainer.validate(model, verbose=False)[0]["val_acc"]
+    assert trainer.validate(model, ckpt_path="last", verbose=False)[0]["val_acc"] == pytest.approx(expected)
+    inputs = torch.utils.data.DataLoader(make_data(16).tensors[0], batch_size=8)
+    trainer.predict(model, dataloaders=inputs, ckpt_path="last")
+    assert_masked_outputs_zero(model, pruner.pruned)  # folded, still zero
 
 
 def test_pruning_sends_the_probe_as_the_monitor_does(tmp_path):
@@ -178,3 +199,21 @@ def test_a_second_fit_starts_without_the_first_fits_masks(tmp_path):
     _, fresh = run(tmp_path / "b", [monitor, pruner], max_epochs=1)  # ends before the epoch-1 prune
     assert pruner.events == [] and pruner.masks == {}
     assert all(not any(k.endswith("_mask") for k, _ in m.named_buffers()) for m in fresh.modules())
+
+
+def test_a_new_fit_of_a_masked_model_counts_its_masks(tmp_path):
+    monitor, pruner = make(max_fraction_per_layer=0.3)
+    _, model = run(tmp_path / "a", [monitor, pruner])
+    first = pruner.pruned
+    assert first
+    seed_everything(1)
+    Trainer(default_root_dir=tmp_path / "b", max_epochs=3, callbacks=[monitor, pruner], logger=False, **FAST).fit(model)
+    zero = {
+        name: (m.weight.flatten(1).abs().sum(1) == 0).nonzero().flatten().tolist()
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+    }
+    for name, channels in first.items():
+        assert set(channels) <= set(pruner.pruned.get(name, []))  # adopted, not forgotten
+    for name, channels in zero.items():
+        assert set(channels) <= set(pruner.pruned.get(name, [])) and len(channels) <= int(0.3 * 16)
