@@ -21,7 +21,7 @@ from typing_extensions import override
 
 from lightning_anomaly.criteria import AnomalyCriteria
 from lightning_anomaly.engine.analyze import analyze, model_inputs
-from lightning_anomaly.engine.capture import eval_mode, named_exactly, select_layers
+from lightning_anomaly.engine.capture import hooked_forward, named_exactly, select_layers
 from lightning_anomaly.engine.gradients import per_sample_grad_norms
 from lightning_anomaly.logging import (
     custom_scalars_layout,
@@ -510,12 +510,13 @@ class AnomalyFilterCallback(Callback):
         x = self._probe[0]
         modules = dict(pl_module.named_modules())
         ran: set[str] = set()
-        handles = [
-            modules[name].register_forward_hook(lambda *_, name=name: ran.add(name)) for name in self._layer_names
-        ]
         try:
-            with isolate_rng(), torch.no_grad(), eval_mode(pl_module):
-                out = self._forward(trainer)(pl_module, model_inputs(pl_module, x[:2]))
+            inputs = model_inputs(pl_module, x[:2])
+            handles = [
+                modules[name].register_forward_hook(lambda *_, name=name: ran.add(name)) for name in self._layer_names
+            ]
+            with isolate_rng():  # hooked_forward removes the hooks, also when the forward raises
+                out = hooked_forward(pl_module, inputs, handles, self._forward(trainer))
         except NotImplementedError as err:
             raise _no_forward(pl_module) from err
         except Exception as err:
@@ -525,9 +526,6 @@ class AnomalyFilterCallback(Callback):
                 f"through {type(pl_module).__name__}: {type(err).__name__}: {err}. Pass probe=(inputs, targets) "
                 "shaped and typed like the inputs of a training batch, or forward_fn=... to call the model"
             ) from err
-        finally:
-            for handle in handles:
-                handle.remove()
         self._keep_running_layers(ran)
         self._grad_checked = True
         return self._targets_for_grads(out, pl_module)

@@ -168,6 +168,25 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
+def hooked_forward(
+    model: nn.Module,
+    inputs: Any,
+    handles: Sequence[torch.utils.hooks.RemovableHandle],
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+) -> Any:
+    """One forward under ``no_grad`` in eval mode (modes restored); ``handles`` removed afterwards, also on error.
+
+    Returns:
+        The model's output.
+    """
+    try:
+        with torch.no_grad(), eval_mode(model):
+            return model(inputs) if forward is None else forward(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def reduce_maps(maps: Tensor, n_components: int, pca: PCAFn = batched_pca) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Reduce one layer's maps to per-filter points and statistics.
 
@@ -278,16 +297,7 @@ def capture_layers(
 
         return hook
 
-    handles = [module.register_forward_hook(make_hook(name)) for name, module in layers]
-    try:
-        with torch.no_grad(), eval_mode(model):
-            if forward is None:
-                model(inputs)
-            else:
-                forward(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    hooked_forward(model, inputs, [module.register_forward_hook(make_hook(name)) for name, module in layers], forward)
     # Definition order (then call order): the same whichever subset of layers one call analyses.
     rank = {name: i for i, (name, _) in enumerate(layers)}
     out.sort(key=lambda cap: (rank[cap.module_name], cap.call_index))

@@ -13,11 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from lightning_anomaly.engine.capture import eval_mode
+from lightning_anomaly.engine.capture import hooked_forward
 
 __all__ = ["apply_channel_mask", "find_following_batchnorm", "fold_pruned_state_dict", "make_permanent"]
 
@@ -71,15 +70,7 @@ def find_following_batchnorm(
             handles.append(m.register_forward_hook(conv_hook(name)))
         elif isinstance(m, _BN):
             handles.append(m.register_forward_pre_hook(bn_hook(name)))
-    try:
-        with torch.no_grad(), eval_mode(model):
-            if forward is None:
-                model(inputs)
-            else:
-                forward(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    hooked_forward(model, inputs, handles, forward)
     return found
 
 
