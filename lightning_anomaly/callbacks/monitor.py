@@ -368,7 +368,7 @@ class AnomalyFilterCallback(Callback):
         computes and broadcasts.
         """
         if self._probe is None:
-            self._probe = self._load_probe(trainer)
+            self._share_probe(trainer)
         if not self._grad_checked:  # called outside a fit's on_train_start: check before choosing layers
             self._grad_targets = self._check_probe_runs(trainer, pl_module)
         if self.distribute and trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
@@ -655,7 +655,8 @@ class AnomalyFilterCallback(Callback):
         self.history.append(entry)
         scalars = report_scalars(report, self.prefix)
         for name, value in scalars.items():
-            # The same value on every rank: sync_dist keeps Lightning's epoch-level reduction quiet and exact.
+            # The same value on every rank: sync_dist with "max" keeps Lightning's epoch-level reduction
+            # quiet and exact (a mean over 3 ranks need not give the value back in float32).
             pl_module.log(
                 name,
                 value,
@@ -663,6 +664,7 @@ class AnomalyFilterCallback(Callback):
                 on_epoch=True,
                 prog_bar=name == f"{self.prefix}count",
                 sync_dist=trainer.world_size > 1,
+                reduce_fx="max",
             )
         if trainer.is_global_zero:
             for lg in trainer.loggers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -18,7 +19,6 @@ from lightning_anomaly.callbacks.monitor import AnomalyFilterCallback
 from lightning_anomaly.engine.analyze import model_inputs
 from lightning_anomaly.engine.masking import (
     apply_channel_mask,
-    channel_masks,
     find_following_batchnorm,
     fold_masks,
     fold_pruned_state_dict,
@@ -65,8 +65,10 @@ class AnomalyPruneCallback(Callback):
         >>> pruner = AnomalyPruneCallback(monitor, trigger="epochs", epochs=[5])
 
     Args:
-        monitor: The :class:`AnomalyFilterCallback` whose reports give the flags (add it to the Trainer
-            too). When omitted, this callback runs its own with default settings.
+        monitor: The :class:`AnomalyFilterCallback` whose reports give the flags. Add it to the Trainer
+            too; one the Trainer does not hold (as LightningCLI builds a monitor configured inside this
+            callback) is driven by this callback. When omitted, this callback runs its own with default
+            settings.
         trigger: ``"overfit"`` (the anomaly count rose over ``patience`` analyses in a row since the last
             prune, or the gap ``gap_metrics[0] - gap_metrics[1]`` exceeds ``min_gap``), ``"epochs"`` (at
             the 0-based epochs in ``epochs``), or a callable ``(history, trainer) -> bool``.
@@ -153,6 +155,7 @@ class AnomalyPruneCallback(Callback):
         self.events: list[dict[str, Any]] = []
         self._last_prune_analysis = 0
         self._checked_metrics = False
+        self._model: weakref.ReferenceType[LightningModule] | None = None  # the model the masks belong to
 
     # ----------------------------------------------------------------- results
     @property
@@ -197,23 +200,24 @@ class AnomalyPruneCallback(Callback):
         # A monitor the Trainer does not hold (none given, or one built inside this callback's config by
         # LightningCLI) is driven by this callback.
         self._owns_monitor = self.monitor not in callbacks
+        # Our masks come off for the stage, so that a checkpoint (always saved folded) loads into the
+        # model; on_fit_start, or teardown after validate/test/predict, puts them back.
+        fold_masks(pl_module, self._masked_modules())
         if stage != "fit":
-            # Checkpoints hold folded weights (plain keys): fold the masks first, so that validate/test/
-            # predict(ckpt_path=...) can load one. Outputs are the same; a later fit re-applies the masks.
-            fold_masks(pl_module, [*self.masks, *(bn for bn in self.batchnorms.values() if bn)])
             return
-        others = [
-            cb
-            for cb in callbacks
-            if isinstance(cb, AnomalyFilterCallback)
-            or (isinstance(cb, AnomalyPruneCallback) and cb is not self and cb.monitor not in callbacks)
-        ]
-        if self._owns_monitor and others:
-            raise ValueError(
-                "this AnomalyPruneCallback drives its own monitor, but the Trainer already has an "
-                "AnomalyFilterCallback (or another pruner with its own), so the analysis would run twice; add one "
-                "monitor to the Trainer and pass it to every pruner: AnomalyPruneCallback(monitor=...)"
-            )
+        if self._owns_monitor:
+            # Monitors the Trainer holds, and those other pruners drive: none may be ours or log our tags.
+            others = [cb for cb in callbacks if isinstance(cb, AnomalyFilterCallback)] + [
+                cb.monitor
+                for cb in callbacks
+                if isinstance(cb, AnomalyPruneCallback) and cb is not self and cb.monitor not in callbacks
+            ]
+            if any(m is self.monitor or m.prefix == self.monitor.prefix for m in others):
+                raise ValueError(
+                    "this AnomalyPruneCallback drives its own monitor, but another monitor in the Trainer (or one "
+                    f"another pruner drives) logs under {self.monitor.prefix!r}, so the analysis would run twice; add "
+                    "one monitor to the Trainer and pass it to every pruner: AnomalyPruneCallback(monitor=...)"
+                )
         unseen = [e for e in self.epochs if (e + 1) % self.monitor.every_n_epochs]
         if self.trigger == "epochs" and unseen:
             raise ValueError(
@@ -222,17 +226,29 @@ class AnomalyPruneCallback(Callback):
                 "so nothing would be pruned then; choose analysed epochs"
             )
         if trainer.current_epoch == 0:
-            # A new fit (a resumed one gets its state back from the checkpoint after this): nothing of a
-            # previous fit's events or place in the monitor's history carries over; masks still in the
-            # model (make_permanent=False) are adopted, so the limits count them.
-            self.masks, self.batchnorms, self.events = channel_masks(pl_module), {}, []
-            self._last_prune_analysis = 0
+            # A new fit (a resumed one gets its state back from the checkpoint after this): its own events
+            # and place in the monitor's history. Masks belong to the model they were applied to: kept (and
+            # counted by the limits) when the same model object is fitted again, dropped for another model.
+            if self._model is None or self._model() is not pl_module:
+                self.masks, self.batchnorms = {}, {}
+            self.events, self._last_prune_analysis = [], 0
+        self._model = weakref.ref(pl_module)
         if self._owns_monitor:
             self.monitor.setup(trainer, pl_module, stage)
 
     @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" and not self.make_permanent:
+            self._apply_masks(pl_module)  # as they were before validate/test/predict
+
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Resumed fit: the checkpoint held folded weights; re-apply the masks so they keep holding.
+        self._apply_masks(pl_module)  # taken off in setup (or restored from a checkpoint): on again
+
+    def _masked_modules(self) -> list[str]:
+        return [*self.masks, *(bn for bn in self.batchnorms.values() if bn)]
+
+    def _apply_masks(self, pl_module: LightningModule) -> None:
         for name, keep in self.masks.items():
             if not _is_masked(pl_module, name) and not bool(keep.all()):
                 apply_channel_mask(pl_module, name, keep, self.batchnorms.get(name))
@@ -390,7 +406,7 @@ class AnomalyPruneCallback(Callback):
         for name, keep in self.masks.items():
             values[f"{self.prefix}pruned/{name}"] = float((~keep).sum())
         for key, value in values.items():
-            pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=trainer.world_size > 1)
+            pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=trainer.world_size > 1, reduce_fx="max")
         if event is not None and trainer.is_global_zero:
             text = f"epoch {event['epoch']}: masked {event['n_pruned']} filters: " + "; ".join(
                 f"{n} {c}" for n, c in event["pruned"].items()

@@ -165,24 +165,6 @@ def fold_masks(model: nn.Module, names: Iterable[str]) -> int:
     return count
 
 
-def channel_masks(model: nn.Module) -> dict[str, Tensor]:
-    """The channel masks already in ``model``: ``{conv name: keep (out,) bool}``.
-
-    Every ``nn.Conv2d`` whose weight carries a pruning mask of whole output channels that drops at
-    least one (as :func:`apply_channel_mask` leaves them).
-    """
-    out: dict[str, Tensor] = {}
-    for name, module in model.named_modules():
-        mask = getattr(module, "weight_mask", None)
-        if not isinstance(module, nn.Conv2d) or mask is None:
-            continue
-        rows = mask.reshape(mask.shape[0], -1)
-        keep = rows[:, 0] > 0
-        if bool((rows == rows[:, :1]).all()) and not bool(keep.all()):
-            out[name] = keep.cpu()
-    return out
-
-
 def fold_pruned_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Replace ``<p>_orig``/``<p>_mask`` pairs by ``<p> = orig * mask``: loads into a plain model."""
     out: dict[str, Any] = {}

@@ -217,3 +217,43 @@ def test_a_new_fit_of_a_masked_model_counts_its_masks(tmp_path):
         assert set(channels) <= set(pruner.pruned.get(name, []))  # adopted, not forgotten
     for name, channels in zero.items():
         assert set(channels) <= set(pruner.pruned.get(name, [])) and len(channels) <= int(0.3 * 16)
+
+
+def test_masks_follow_their_model_through_validate_new_fits_and_resumes(tmp_path):
+    def trainer_for(root, callbacks, max_epochs):
+        ckpt = ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
+        return Trainer(default_root_dir=root, max_epochs=max_epochs, callbacks=[*callbacks, ckpt], logger=False, **FAST)
+
+    monitor, pruner = make(max_fraction_per_layer=0.3)
+    seed_everything(0)
+    model = Net(width=16)
+    trainer_for(tmp_path / "a", [monitor, pruner], 2).fit(model)
+    first = pruner.pruned
+    assert first and any(k.endswith("_mask") for k in model.state_dict())
+    # validate from the (folded) checkpoint, then the masks are back on the model
+    validator = trainer_for(tmp_path / "a", [monitor, pruner], 2)
+    validator.validate(model, ckpt_path=str(tmp_path / "a" / "ckpt" / "last.ckpt"), verbose=False)
+    assert any(k.endswith("_mask") for k in model.state_dict()) and pruner.pruned == first
+    # a new fit of the same model keeps them (and counts them against the limits) ...
+    seed_everything(1)
+    trainer_for(tmp_path / "b", [monitor, pruner], 3).fit(model)
+    for name, channels in first.items():
+        assert set(channels) <= set(pruner.pruned[name]) and len(pruner.pruned[name]) <= int(0.3 * 16)
+    # ... and resuming into the same, still masked, model object loads the folded checkpoint
+    resumed = trainer_for(tmp_path / "c", [monitor, pruner], 4)
+    resumed.fit(model, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    assert_masked_outputs_zero(model, pruner.pruned)
+
+
+def test_a_users_own_pruning_is_left_alone(tmp_path):
+    from torch.nn.utils import prune
+
+    seed_everything(0)
+    model = Net(width=16)
+    prune.ln_structured(model.conv2, "weight", amount=0.25, n=1, dim=0)  # the user's, not ours
+    users = (model.conv2.weight_mask.flatten(1)[:, 0] == 0).nonzero().flatten().tolist()
+    monitor, pruner = make(max_fraction_per_layer=0.3, max_total_fraction=0.3)
+    run(tmp_path, [monitor, pruner], model=model)
+    assert pruner.events and pruner.n_pruned == sum(e["n_pruned"] for e in pruner.events)  # ours only
+    ours = set(pruner.pruned.get("conv2", []))
+    assert all(model.conv2.bias[c] != 0 for c in users if c not in ours)  # the user left those biases alive
