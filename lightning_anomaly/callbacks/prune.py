@@ -20,9 +20,8 @@ from lightning_anomaly.engine.analyze import model_inputs
 from lightning_anomaly.engine.masking import (
     apply_channel_mask,
     find_following_batchnorm,
-    fold_masks,
+    fold_channel_masks,
     fold_pruned_state_dict,
-    make_permanent,
 )
 from lightning_anomaly.report import AnalysisReport
 
@@ -200,9 +199,13 @@ class AnomalyPruneCallback(Callback):
         # A monitor the Trainer does not hold (none given, or one built inside this callback's config by
         # LightningCLI) is driven by this callback.
         self._owns_monitor = self.monitor not in callbacks
-        # Our masks come off for the stage, so that a checkpoint (always saved folded) loads into the
-        # model; on_fit_start, or teardown after validate/test/predict, puts them back.
-        fold_masks(pl_module, self._masked_modules())
+        if self._is_ours(pl_module):
+            # Our masks come off for the stage, so that a checkpoint (always saved folded) loads into the
+            # model; on_fit_start, or teardown after validate/test/predict, puts them back.
+            fold_channel_masks(pl_module, self.masks, self.batchnorms)
+        elif stage == "fit":
+            # Another model (a resumed fit gets the masks back from the checkpoint after this): its own.
+            self.masks, self.batchnorms = {}, {}
         if stage != "fit":
             return
         if self._owns_monitor:
@@ -226,11 +229,8 @@ class AnomalyPruneCallback(Callback):
                 "so nothing would be pruned then; choose analysed epochs"
             )
         if trainer.current_epoch == 0:
-            # A new fit (a resumed one gets its state back from the checkpoint after this): its own events
-            # and place in the monitor's history. Masks belong to the model they were applied to: kept (and
-            # counted by the limits) when the same model object is fitted again, dropped for another model.
-            if self._model is None or self._model() is not pl_module:
-                self.masks, self.batchnorms = {}, {}
+            # A new fit: its own events and place in the monitor's history. Masks belong to the model
+            # they were applied to: kept (and counted by the limits) when the same model is fitted again.
             self.events, self._last_prune_analysis = [], 0
         self._model = weakref.ref(pl_module)
         if self._owns_monitor:
@@ -238,19 +238,30 @@ class AnomalyPruneCallback(Callback):
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit" and not self.make_permanent:
+        if stage != "fit" and not self.make_permanent and self._is_ours(pl_module):
             self._apply_masks(pl_module)  # as they were before validate/test/predict
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # Lightning skips teardown after an error: never leave our masks folded off the model.
+        if not self.make_permanent and self._is_ours(pl_module):
+            self._apply_masks(pl_module)
+
+    def _is_ours(self, pl_module: LightningModule) -> bool:
+        """Whether ``pl_module`` is the model object the masks were applied to."""
+        return self._model is not None and self._model() is pl_module
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A weak reference does not pickle (ddp_spawn pickles callbacks); a copy is another model anyway.
+        return {**self.__dict__, "_model": None}
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._apply_masks(pl_module)  # taken off in setup (or restored from a checkpoint): on again
 
-    def _masked_modules(self) -> list[str]:
-        return [*self.masks, *(bn for bn in self.batchnorms.values() if bn)]
-
     def _apply_masks(self, pl_module: LightningModule) -> None:
         for name, keep in self.masks.items():
-            if not _is_masked(pl_module, name) and not bool(keep.all()):
+            if not bool(keep.all()) and not _is_masked(pl_module, name, keep):
                 apply_channel_mask(pl_module, name, keep, self.batchnorms.get(name))
 
     @override
@@ -294,7 +305,7 @@ class AnomalyPruneCallback(Callback):
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.make_permanent:
-            make_permanent(pl_module)
+            fold_channel_masks(pl_module, self.masks, self.batchnorms)
 
     # ----------------------------------------------------------------- decisions
     def _should_prune(self, trainer: Trainer) -> bool:
@@ -416,6 +427,8 @@ class AnomalyPruneCallback(Callback):
                     lg.experiment.add_text(f"{self.prefix}event", text, trainer.global_step)
 
 
-def _is_masked(model: nn.Module, conv_name: str) -> bool:
+def _is_masked(model: nn.Module, conv_name: str, keep: Tensor) -> bool:
+    """Whether the conv's weight mask already zeroes every channel ``keep`` drops (other masks aside)."""
     module = dict(model.named_modules()).get(conv_name)
-    return module is not None and hasattr(module, "weight_mask")
+    mask = getattr(module, "weight_mask", None)
+    return mask is not None and not bool(mask.flatten(1)[~keep.to(mask.device)].any())

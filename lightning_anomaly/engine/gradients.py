@@ -306,10 +306,16 @@ def _vmap(
 
     per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
     norms = []
-    for lo in range(0, inputs.shape[0], chunk):
-        g = per_sample(params, inputs[lo : lo + chunk], targets[lo : lo + chunk])
-        sq = sum(t.double().flatten(1).square().sum(1) for t in g.values())
-        norms.append(torch.as_tensor(sq).sqrt().cpu())
+    try:
+        for lo in range(0, inputs.shape[0], chunk):
+            g = per_sample(params, inputs[lo : lo + chunk], targets[lo : lo + chunk])
+            sq = sum(t.double().flatten(1).square().sum(1) for t in g.values())
+            norms.append(torch.as_tensor(sq).sqrt().cpu())
+    finally:
+        # Forward pre-hooks that cache a tensor on the module (torch.nn.utils.prune's weight = orig * mask,
+        # spectral_norm) ran inside vmap and left a functorch wrapper there: one plain forward replaces it.
+        with torch.no_grad():
+            model(inputs[:1])
     return torch.cat(norms)
 
 

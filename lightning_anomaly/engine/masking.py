@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
@@ -146,21 +147,32 @@ def make_permanent(model: nn.Module) -> int:
     return count
 
 
-def fold_masks(model: nn.Module, names: Iterable[str]) -> int:
-    """Fold the ``torch.nn.utils.prune`` masks of the named modules into their parameters.
+def fold_channel_masks(model: nn.Module, masks: Mapping[str, Tensor], batchnorms: Mapping[str, str | None]) -> int:
+    """Fold the channel masks :func:`apply_channel_mask` made into the weights, and only those.
+
+    For each conv in ``masks`` (``keep`` per output channel) and the BatchNorm that ``batchnorms``
+    pairs with it, the dropped channels are folded into the parameters (they become plain zeros);
+    any other ``torch.nn.utils.prune`` mask on the same parameters (the user's) is kept as a mask.
 
     Returns:
-        How many masks were folded (none for modules without one).
+        How many parameters were folded.
     """
     modules = dict(model.named_modules())
     count = 0
-    for name in dict.fromkeys(names):
-        module = modules.get(name)
-        if module is None:
-            continue
-        for hook in list(module._forward_pre_hooks.values()):
-            if isinstance(hook, prune.BasePruningMethod):
-                prune.remove(module, hook._tensor_name)
+    for conv_name, keep in masks.items():
+        for name in (conv_name, batchnorms.get(conv_name)):
+            module = modules.get(name) if name else None
+            if module is None:
+                continue
+            for param in ("weight", "bias"):
+                mask = getattr(module, param + "_mask", None)
+                if mask is None:
+                    continue
+                ours = keep.to(mask.device, mask.dtype).view((-1,) + (1,) * (mask.ndim - 1)).expand_as(mask)
+                others = torch.where(ours > 0, mask, torch.ones_like(mask))  # what is not ours stays masked
+                prune.remove(module, param)
+                if not bool(others.all()):
+                    prune.custom_from_mask(module, param, others)
                 count += 1
     return count
 

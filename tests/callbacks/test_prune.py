@@ -257,3 +257,66 @@ def test_a_users_own_pruning_is_left_alone(tmp_path):
     assert pruner.events and pruner.n_pruned == sum(e["n_pruned"] for e in pruner.events)  # ours only
     ours = set(pruner.pruned.get("conv2", []))
     assert all(model.conv2.bias[c] != 0 for c in users if c not in ours)  # the user left those biases alive
+
+
+def test_masks_stay_with_their_model_and_next_to_the_users_own(tmp_path):
+    import pickle
+
+    from torch.nn.utils import prune
+
+    seed_everything(0)
+    model = Net(width=16)
+    prune.l1_unstructured(model.conv2, "weight", amount=0.2)  # the user's mask on a conv we may mask too
+    users = model.conv2.weight_mask.clone()
+    monitor, pruner = make(max_fraction_per_layer=0.3, max_total_fraction=0.3, make_permanent=False)
+    trainer, _ = run(tmp_path, [monitor, pruner], model=model)
+    assert pruner.n_pruned > 0
+    pickle.dumps(pruner)  # picklable after a fit (ddp_spawn pickles callbacks)
+
+    def check(net):
+        # the user's zeros hold, and ours (channels masked, so outputs zero) too
+        assert bool((net.conv2.weight[users == 0] == 0).all())
+        assert_masked_outputs_zero(net, pruner.pruned)
+
+    check(model)
+    trainer.validate(model, verbose=False)
+    check(model)
+    assert bool((model.conv2.weight_mask[users == 0] == 0).all())  # still a mask, not folded away
+
+    other = Net(width=16)
+    prune.l1_unstructured(other.conv2, "weight", amount=0.5)
+    theirs = other.conv2.weight_mask.clone()
+    trainer.validate(other, verbose=False)  # another model: neither gets our masks nor loses its own
+    assert torch.equal(other.conv2.weight_mask, theirs) and not hasattr(other.conv1, "weight_mask")
+
+    class Broken(RuntimeError):
+        pass
+
+    def fail(*_):
+        raise Broken
+
+    handle = model.register_forward_hook(fail)
+    with pytest.raises(Broken):
+        trainer.validate(model, verbose=False)
+    handle.remove()
+    check(model)  # back on after the error
+
+    seed_everything(1)
+    again = Trainer(
+        default_root_dir=tmp_path / "again", max_epochs=2, callbacks=[monitor, pruner], logger=False, **FAST
+    )
+    again.fit(model)  # a new fit of the same model: both masks keep holding while it trains
+    check(model)
+
+
+def test_make_permanent_folds_only_our_masks(tmp_path):
+    from torch.nn.utils import prune
+
+    seed_everything(0)
+    model = Net(width=16)
+    prune.l1_unstructured(model.head, "weight", amount=0.3)
+    monitor, pruner = make(make_permanent=True)
+    run(tmp_path, [monitor, pruner], model=model)
+    assert pruner.n_pruned > 0
+    assert hasattr(model.head, "weight_mask")  # the user's
+    assert not any(hasattr(m, "weight_mask") for m in (model.conv1, model.conv2, model.bn1))

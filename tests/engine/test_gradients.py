@@ -201,3 +201,18 @@ def test_ghost_norm_sums_that_cancel_stay_exact():
     ghost = per_sample_grad_norms(net, x, y, method="ghost")
     assert torch.isfinite(ghost).all()
     assert torch.allclose(ghost, per_sample_grad_norms(net, x, y, method="loop"), rtol=1e-3, atol=1e-6)
+
+
+def test_vmap_leaves_no_functorch_wrapper_on_pruned_modules():
+    import copy
+
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    net = SiLUNet()
+    prune.random_unstructured(net.c2, "weight", amount=0.5)  # its hook caches weight = orig * mask
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(4, 1, 6, 6, generator=g), torch.randint(0, 3, (4,), generator=g)
+    per_sample_grad_norms(net, x, y, method="vmap")
+    net.c2.weight.data_ptr()  # a real tensor: a leaked functorch wrapper has no storage
+    copy.deepcopy(net)
