@@ -1,12 +1,15 @@
-"""Command line: ``lightning-anomaly demo | report RUN_DIR | bench``."""
+"""Command line: ``lightning-anomaly demo | report RUN_DIR``.
+
+Torch, Lightning and the package's own modules are imported inside the commands, so ``--help`` and
+argument errors answer at once. The engine benchmark is not a command: it lives in the source checkout
+(``python benchmarks/bench_engine.py``), since an installed wheel does not ship ``benchmarks/``.
+"""
 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -45,17 +48,13 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_engine.py"
-    if not script.exists():
-        print(f"benchmark script not found at {script}; run it from a source checkout", file=sys.stderr)
-        return 2
-    return subprocess.call([sys.executable, str(script), *args.extra])
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lightning-anomaly`` command."""
-    parser = argparse.ArgumentParser(prog="lightning-anomaly", description="Explain overfitting in CNNs.")
+    parser = argparse.ArgumentParser(
+        prog="lightning-anomaly",
+        description="Explain overfitting in CNNs.",
+        epilog="Benchmarks are not a command: from a source checkout, run python benchmarks/bench_engine.py.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a small CNN on backdoored digits, watched by AnomalyFilterCallback")
     demo.add_argument("--epochs", type=int, default=15)
@@ -74,9 +73,6 @@ def main(argv: list[str] | None = None) -> int:
         "--epochs", default=None, help="comma-separated 1-based epochs for the CH histograms, e.g. 1,5,15"
     )
     report.set_defaults(func=_report)
-    bench = sub.add_parser("bench", help="run benchmarks/bench_engine.py (batched engine vs scikit-learn)")
-    bench.add_argument("extra", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
-    bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

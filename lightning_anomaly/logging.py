@@ -2,22 +2,30 @@
 
 Tags (``prefix`` defaults to ``"anomaly/"``):
 
-========================================  ===============================================================
-tag                                       value
-========================================  ===============================================================
-``{prefix}count``                         anomaly filters in the model
-``{prefix}fraction``                      anomaly filters / analysed filters
-``{prefix}degenerate``                    filters that could not be clustered (dead, constant, NaN)
-``{prefix}outliers``                      probe samples in the tiny cluster of some anomaly filter
-``{prefix}count/<layer>``                 anomaly filters per layer
-``{prefix}mean_ch/<layer>``               mean Calinski-Harabasz index over the layer's clusterable filters
-``{prefix}grad_norm/outlier``             mean per-sample gradient norm of the outlier samples
-``{prefix}grad_norm/normal``              same, other probe samples
-``{prefix}grad_ratio``                    outlier / normal (the paper's H2; absent when undefined)
-``{prefix}seconds``                       wall time of the analysis
-``{prefix}log10_ch/<layer>``              TensorBoard histogram of log10(CH) over the layer's filters
-``{prefix}activation/<layer>``            TensorBoard histogram of filter activations
-========================================  ===============================================================
+==========================================  ===============================================================
+tag                                         value
+==========================================  ===============================================================
+``{prefix}count``                           anomaly filters in the model
+``{prefix}class_selective``                 filters whose tiny cluster is essentially one class: class
+                                            detectors, not counted as anomalies (absent without labels)
+``{prefix}fraction``                        anomaly filters / analysed filters
+``{prefix}degenerate``                      filters that could not be clustered (dead, constant, NaN)
+``{prefix}outliers``                        probe samples in the tiny cluster of some anomaly filter
+``{prefix}count/<layer>``                   anomaly filters per layer
+``{prefix}mean_ch/<layer>``                 mean Calinski-Harabasz index over the layer's clusterable filters
+``{prefix}grad_norm/outlier``               mean per-sample gradient norm of the outlier samples
+``{prefix}grad_norm/normal``                same, other probe samples
+``{prefix}grad_ratio``                      outlier / normal (the paper's H2; absent when undefined)
+``{prefix}grad_ratio/no_difference``        constant 1.0, logged with ``grad_ratio``: the reference line
+                                            of the ratio chart (outliers and normal samples alike)
+``{prefix}seconds``                         wall time of the analysis
+``{prefix}log10_ch/<layer>``                TensorBoard histogram of log10(CH) over the layer's filters
+``{prefix}activation/<layer>``              TensorBoard histogram of filter activations
+==========================================  ===============================================================
+
+TensorBoard's Custom Scalars tab (:func:`custom_scalars_layout`) shows one idea per chart: anomaly
+filters (count and class-selective), the user's accuracies, the user's losses, outlier samples, gradient
+norms (outlier and normal), the gradient ratio with its 1.0 line, and anomaly filters per layer.
 
 No NaN is ever returned: undefined values are left out.
 """
@@ -66,8 +74,13 @@ def report_scalars(report: AnalysisReport, prefix: str = "anomaly/") -> dict[str
     for key, tag in (("outlier_grad_norm", "grad_norm/outlier"), ("normal_grad_norm", "grad_norm/normal")):
         if s[key] is not None:
             out[f"{prefix}{tag}"] = float(s[key])
-    if s["gradient_ratio"] is not None:
+    class_selective = s.get("class_selective_count")
+    if class_selective is not None:
+        out[f"{prefix}class_selective"] = float(class_selective)
+    if s["gradient_ratio"] is not None and math.isfinite(s["gradient_ratio"]):
         out[f"{prefix}grad_ratio"] = float(s["gradient_ratio"])
+        # TensorBoard draws no reference lines: a constant series is the ratio chart's "no difference" mark.
+        out[f"{prefix}grad_ratio/no_difference"] = 1.0
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
@@ -93,19 +106,44 @@ def guess_layout_metrics(names: Sequence[str], prefix: str = "anomaly/") -> list
 
 
 def custom_scalars_layout(metrics: Sequence[str], prefix: str = "anomaly/") -> dict[str, Any]:
-    """A TensorBoard custom-scalars layout: anomaly count beside the user's metrics."""
+    """A TensorBoard custom-scalars layout with one idea per chart, for ``SummaryWriter.add_custom_scalars``.
+
+    TensorBoard selects a chart's series with ``re.match`` of each tag pattern, a prefix match: every
+    pattern here is the escaped tag followed by ``$``, so ``anomaly/count`` does not also draw every
+    ``anomaly/count/<layer>``. Charts on one axis hold values of one scale only.
+
+    Args:
+        metrics: The user's logged metric names to chart; names containing ``acc`` go to the
+            accuracy chart, the others to the loss chart (see :func:`guess_layout_metrics`).
+        prefix: The prefix of the anomaly tags, as given to :func:`report_scalars`.
+
+    Returns:
+        ``{"lightning-anomaly": {chart title: ["Multiline", [tag patterns]]}}``, charts in display order.
+
+    Example::
+
+        >>> layout = custom_scalars_layout(["val_acc", "val_loss"])["lightning-anomaly"]
+        >>> layout["anomaly filters"]
+        ['Multiline', ['anomaly/count$', 'anomaly/class_selective$']]
+        >>> layout["accuracy"]
+        ['Multiline', ['val_acc$']]
+    """
+    p = re.escape(prefix)
     acc = [m for m in metrics if re.search(r"acc", m, re.IGNORECASE)]
     loss = [m for m in metrics if m not in acc]
-    charts: dict[str, Any] = {
-        "anomaly filters": ["Multiline", [f"{prefix}count", f"{prefix}degenerate", f"{prefix}outliers"]],
-        "anomaly filters per layer": ["Multiline", [rf"{re.escape(prefix)}count/.*"]],
-        "outlier vs normal gradient norm": [
-            "Multiline",
-            [f"{prefix}grad_norm/outlier", f"{prefix}grad_norm/normal", f"{prefix}grad_ratio"],
-        ],
-    }
+    charts: dict[str, Any] = {"anomaly filters": ["Multiline", [rf"{p}count$", rf"{p}class_selective$"]]}
     if acc:
-        charts["accuracy (compare with anomaly filters)"] = ["Multiline", acc]
+        charts["accuracy"] = ["Multiline", [f"{re.escape(m)}$" for m in acc]]
     if loss:
-        charts["loss (compare with anomaly filters)"] = ["Multiline", loss]
+        charts["loss"] = ["Multiline", [f"{re.escape(m)}$" for m in loss]]
+    charts["outlier samples"] = ["Multiline", [rf"{p}outliers$"]]
+    charts["gradient norm: outlier vs normal samples"] = [
+        "Multiline",
+        [rf"{p}grad_norm/outlier$", rf"{p}grad_norm/normal$"],
+    ]
+    charts["gradient ratio: outlier / normal (1.0 = no difference)"] = [
+        "Multiline",
+        [rf"{p}grad_ratio$", rf"{p}grad_ratio/no_difference$"],
+    ]
+    charts["anomaly filters per layer"] = ["Multiline", [rf"{p}count/.+$"]]
     return {"lightning-anomaly": charts}

@@ -33,6 +33,17 @@ def test_demo_prints_the_table_and_next_steps(tmp_path, capsys):
     assert "tensorboard --logdir" in text and "lightning-anomaly report" in text
 
 
+def test_help_points_to_the_benchmarks_which_are_not_a_command(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    assert "python benchmarks/bench_engine.py" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit) as done:
+        main(["bench"])
+    assert done.value.code == 2
+    assert "invalid choice: 'bench'" in capsys.readouterr().err
+
+
 def test_report_html_embeds_every_image(demo_run, tmp_path):
     out = tmp_path / "r.html"
     assert main(["report", str(demo_run), "--out", str(out)]) == 0
