@@ -44,7 +44,18 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 CONSTRAINTS: dict[str, _Rule] = {
     "min_cluster_size": _Rule(int, low=1, hint="the paper uses a handful of samples, e.g. 5"),
     "min_cluster_fraction": _Rule(
-        (int, float), low=0.0, high=0.5, hint="a share of the probe, e.g. 0.1; 0 uses min_cluster_size alone"
+        (int, float), low=0.0, high=0.5, hint="a share of the probe, e.g. 0.2; 0 uses min_cluster_size alone"
+    ),
+    "label_free_fraction": _Rule(
+        (int, float),
+        low=0.0,
+        high=0.5,
+        hint="a share of the probe below one class's share, e.g. 0.05 for up to 10 balanced classes",
+    ),
+    "min_separation": _Rule(
+        (int, float),
+        low=0.0,
+        hint="within-cluster standard deviations between the tiny cluster and the rest, e.g. 5; 0 turns it off",
     ),
     "ch_ratio": _Rule((int, float), low=0.0, low_open=True, hint="1.0 means 'above the layer's typical CH'"),
     "activation_ratio": _Rule(
@@ -61,6 +72,12 @@ CONSTRAINTS: dict[str, _Rule] = {
     "reg_covar": _Rule((int, float), low=0.0, hint="1e-6 is scikit-learn's default"),
     "kmeans_iter": _Rule(int, low=0, hint="a few Lloyd steps after k-means++ seeding"),
     "n_init": _Rule(int, low=1, high=32, hint="more initialisations make k more stable and cost time in proportion"),
+    "class_purity": _Rule(
+        (int, float), low=0.0, high=1.0, hint="share of a tiny cluster in one class, e.g. 0.8; 1 only pure clusters"
+    ),
+    "class_coverage": _Rule(
+        (int, float), low=0.0, high=1.0, hint="share of that class's probe samples in the cluster, e.g. 0.5"
+    ),
 }
 
 
@@ -139,7 +156,9 @@ class AnomalyCriteria:
     """
 
     min_cluster_size: int = 5
-    min_cluster_fraction: float = 0.1
+    min_cluster_fraction: float = 0.2
+    label_free_fraction: float = 0.05
+    min_separation: float = 5.0
     ch_ratio: float = 1.0
     activation_ratio: float = 0.5
     k_range: tuple[int, int] = (2, 6)
@@ -150,10 +169,15 @@ class AnomalyCriteria:
     reg_covar: float = 1e-6
     kmeans_iter: int = 10
     n_init: int = 1
+    class_conditional: bool = True
+    class_purity: float = 0.8
+    class_coverage: float = 0.5
 
     def __post_init__(self) -> None:
         for name in CONSTRAINTS:
             _check(name, getattr(self, name))
+        if not isinstance(self.class_conditional, bool):
+            raise TypeError(f"class_conditional must be a bool, got {self.class_conditional!r}")
         k = self.k_range
         if (
             not isinstance(k, (tuple, list))
@@ -179,6 +203,9 @@ class AnomalyCriteria:
         settings: dict[str, Any] = {
             "min_cluster_size": 5,
             "min_cluster_fraction": 0.0,
+            "label_free_fraction": 0.0,
+            "min_separation": 0.0,
+            "class_conditional": False,
             "ch_ratio": 1.0,
             "activation_ratio": 1.0,
             "layer_statistic": "mean",
@@ -225,12 +252,56 @@ class AnomalyCriteria:
             return float(v.median())
         return float(v.mean())
 
-    def tiny_cluster_limit(self, n_samples: int) -> int:
-        """Largest cluster, in samples, that counts as tiny for a probe of ``n_samples``."""
-        return max(self.min_cluster_size, math.floor(self.min_cluster_fraction * n_samples))
+    def tiny_cluster_limit(self, n_samples: int, labelled: bool = True) -> int:
+        """Largest cluster, in samples, that counts as tiny for a probe of ``n_samples``.
+
+        ``labelled``: the analysis knew the probe's classes and removed them (``class_conditional``),
+        so ``min_cluster_fraction`` applies; otherwise ``label_free_fraction`` does, a bound kept
+        below one class's share so that a class detector does not pass for a tiny cluster.
+        """
+        share = self.min_cluster_fraction if labelled else self.label_free_fraction
+        return max(self.min_cluster_size, math.floor(share * n_samples))
+
+    def class_selective(self, masks: Tensor, classes: Tensor) -> Tensor:
+        """Which filters' tiny clusters are essentially one class of the probe.
+
+        A cluster is *essentially class c* when at least ``class_purity`` of its members have label
+        ``c`` and it holds at least ``class_coverage`` of the probe's class-``c`` samples: the filter
+        detects a class (normal learning), it does not single out a handful of samples.
+
+        Example::
+
+            >>> import torch
+            >>> classes = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+            >>> masks = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 1, 0, 0, 0]], dtype=torch.bool)
+            >>> AnomalyCriteria().class_selective(masks, classes).tolist()
+            [True, False]
+
+        Args:
+            masks: ``(C, N)`` bool, members of each filter's smallest cluster.
+            classes: ``(N,)`` int64 class ids in ``[0, G)``.
+
+        Returns:
+            ``(C,)`` bool.
+        """
+        if masks.numel() == 0:
+            return torch.zeros(masks.shape[0], dtype=torch.bool)
+        onehot = torch.nn.functional.one_hot(classes.long(), int(classes.max()) + 1).double()  # (N, G)
+        counts = masks.double() @ onehot  # (C, G)
+        top, which = counts.max(1)
+        size = masks.sum(1).double()
+        per_class = onehot.sum(0)[which]
+        return (size > 0) & (top >= self.class_purity * size) & (top >= self.class_coverage * per_class)
 
     def flag(
-        self, smallest_cluster: Tensor, ch: Tensor, activation: Tensor, degenerate: Tensor, n_samples: int = 0
+        self,
+        smallest_cluster: Tensor,
+        ch: Tensor,
+        activation: Tensor,
+        degenerate: Tensor,
+        n_samples: int = 0,
+        class_selective: Tensor | None = None,
+        separation: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Apply the three rules to one layer.
 
@@ -240,59 +311,67 @@ class AnomalyCriteria:
             activation: ``(C,)`` float, each filter's activation.
             degenerate: ``(C,)`` bool.
             n_samples: Probe size, for ``min_cluster_fraction``.
+            class_selective: ``(C,)`` bool from :meth:`class_selective`, or ``None`` when the
+                analysis had no class labels (then ``label_free_fraction`` bounds a tiny cluster).
+            separation: ``(C,)`` float, the tiny cluster's distance from the rest in within-cluster
+                standard deviations; ``None`` skips the rule.
 
         Returns:
-            Bool tensors ``(C,)``: ``unbalanced``, ``high_ch``, ``high_activation`` and ``anomaly``
-            (their conjunction, never true for a degenerate filter).
+            Bool tensors ``(C,)``: ``unbalanced``, ``high_ch``, ``high_activation``,
+            ``separated`` (separation at least ``min_separation``), ``class_selective`` (an
+            unbalanced filter whose tiny cluster is a class) and ``anomaly`` (the first four and not
+            class-selective; never true for a degenerate filter).
         """
         valid = ~degenerate
         ch_typical = self.typical(ch, valid)
         act_typical = self.typical(activation, valid)
-        unbalanced = (smallest_cluster <= self.tiny_cluster_limit(n_samples)) & valid
+        limit = self.tiny_cluster_limit(n_samples, labelled=class_selective is not None and self.class_conditional)
+        unbalanced = (smallest_cluster <= limit) & valid
+        separated = valid if separation is None else valid & separation.double().ge(self.min_separation)
         high_ch = valid & torch.nan_to_num(ch.double(), nan=-math.inf).gt(self.ch_ratio * ch_typical)
         high_act = valid & activation.double().gt(self.activation_ratio * act_typical)
         if math.isnan(ch_typical):
             high_ch = torch.zeros_like(valid)
         if math.isnan(act_typical):
             high_act = torch.zeros_like(valid)
+        selective = unbalanced & class_selective if class_selective is not None else torch.zeros_like(unbalanced)
         return {
             "unbalanced": unbalanced,
             "high_ch": high_ch,
             "high_activation": high_act,
-            "anomaly": unbalanced & high_ch & high_act,
+            "separated": separated,
+            "class_selective": selective,
+            "anomaly": unbalanced & high_ch & high_act & separated & ~selective,
         }
 
     def strength(
-        self, smallest_cluster: Tensor, ch: Tensor, activation: Tensor, degenerate: Tensor, n_samples: int = 0
+        self,
+        smallest_cluster: Tensor,
+        degenerate: Tensor,
+        separation: Tensor,
+        n_samples: int,
+        class_selective: Tensor | None = None,
     ) -> Tensor:
-        """A graded version of :meth:`flag`: how close each filter comes to being an anomaly filter.
+        """How strongly each filter singles out the members of its tiny cluster, for ranking samples.
 
-        ``unbalanced * min(1, CH / (ch_ratio * typical CH)) * min(1, activation / (activation_ratio
-        * typical activation))``: 0 for a filter without a tiny cluster (and for a degenerate one),
-        1 for every anomaly filter, and in between for a filter with a tiny cluster that falls short
-        of the CH or activation rule. :func:`~lightning_anomaly.report.score_outliers` sums it over
-        the filters that single a sample out.
+        The squared separation of the tiny cluster from the rest (:attr:`LayerReport.separation`)
+        for every filter with a tiny cluster that is not a class, 0 otherwise. A continuous weight
+        instead of the hard flags: a planted group that a filter separates well ranks first
+        whichever rule it narrowly misses, and the ranking does not hinge on one threshold.
+        :func:`~lightning_anomaly.report.score_outliers` sums it over the filters that hold a sample.
 
         Args:
             smallest_cluster: As in :meth:`flag`.
-            ch: As in :meth:`flag`.
-            activation: As in :meth:`flag`.
             degenerate: As in :meth:`flag`.
+            separation: As in :meth:`flag`.
             n_samples: As in :meth:`flag`.
+            class_selective: As in :meth:`flag`.
 
         Returns:
-            ``(C,)`` float64 in ``[0, 1]``.
+            ``(C,)`` float64, ``>= 0``.
         """
-        valid = ~degenerate
-        unbalanced = (smallest_cluster <= self.tiny_cluster_limit(n_samples)) & valid
-        out = unbalanced.double()
-        for values, ratio in ((ch, self.ch_ratio), (activation, self.activation_ratio)):
-            typical = self.typical(values, valid)
-            v = torch.nan_to_num(values.double(), nan=0.0)
-            if math.isnan(typical):
-                out = torch.zeros_like(out)
-            elif ratio * typical > 0:
-                out = out * (v / (ratio * typical)).clamp(0.0, 1.0)
-            else:  # a zero threshold: the rule is a plain 'above' test
-                out = out * v.gt(ratio * typical).double()
-        return out
+        limit = self.tiny_cluster_limit(n_samples, labelled=class_selective is not None and self.class_conditional)
+        used = (smallest_cluster <= limit) & ~degenerate
+        if class_selective is not None:
+            used &= ~class_selective
+        return torch.where(used, separation.double().square(), torch.zeros((), dtype=torch.float64))

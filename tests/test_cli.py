@@ -29,7 +29,7 @@ def test_demo_prints_the_table_and_next_steps(tmp_path, capsys):
     assert main(["demo", "--epochs", "2", "--out", str(tmp_path), "--no-progress", "--prune"]) == 0
     text = capsys.readouterr().out
     assert re.search(r"epoch\s+train acc\s+val acc\s+gap", text)
-    assert len(re.findall(r"^\s+[12]\s+\d\.\d{3}", text, flags=re.M)) == 2
+    assert len(re.findall(r"^\s+[01]\s+\d\.\d{3}", text, flags=re.M)) == 2  # 0-based epochs
     assert "tensorboard --logdir" in text and "lightning-anomaly report" in text
 
 
@@ -60,12 +60,12 @@ def test_report_png(demo_run, tmp_path):
 
 
 def test_report_ch_histograms_for_chosen_epochs(demo_run, tmp_path, capsys):
-    assert main(["report", str(demo_run), "--format", "png", "--out", str(tmp_path / "a"), "--epochs", "1,2"]) == 0
+    assert main(["report", str(demo_run), "--format", "png", "--out", str(tmp_path / "a"), "--epochs", "0,1"]) == 0
     assert (tmp_path / "a" / "ch_epochs.png").stat().st_size > 1000
     assert main(["report", str(demo_run), "--out", str(tmp_path / "b.html"), "--epochs", "7"]) == 2
-    assert "no analysis at epochs [7]; analysed epochs: [1, 2]" in capsys.readouterr().err
-    assert main(["report", str(demo_run), "--out", str(tmp_path / "c.html"), "--epochs", "1,9"]) == 2
-    assert "no analysis at epochs [9]; analysed epochs: [1, 2]" in capsys.readouterr().err
+    assert "no analysis at epochs [7]; analysed epochs: [0, 1]" in capsys.readouterr().err
+    assert main(["report", str(demo_run), "--out", str(tmp_path / "c.html"), "--epochs", "0,9"]) == 2
+    assert "no analysis at epochs [9]; analysed epochs: [0, 1]" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -111,7 +111,7 @@ def test_report_from_a_checkpoint(tmp_path):
     out = tmp_path / "from_ckpt.html"
     assert main(["report", str(tmp_path / "ckpt" / "last.ckpt"), "--out", str(out)]) == 0
     page = out.read_text()
-    assert page.count("data:image/png;base64,") >= 2 and "<td>2</td>" in page
+    assert page.count("data:image/png;base64,") >= 2 and "<td>1</td>" in page  # 0-based epochs
 
 
 def test_report_with_one_hot_targets_in_the_saved_probe(demo_run, tmp_path):

@@ -18,6 +18,10 @@ BAD_VALUES = {
     "reg_covar": -1e-6,
     "kmeans_iter": -1,
     "n_init": 0,
+    "label_free_fraction": 0.7,
+    "min_separation": -1.0,
+    "class_purity": 1.5,
+    "class_coverage": -0.1,
 }
 
 
@@ -88,25 +92,60 @@ def test_mean_statistic_and_empty_layer():
     assert not flags["anomaly"].any()
 
 
-def test_fraction_bound():
-    crit = AnomalyCriteria(min_cluster_size=5, min_cluster_fraction=0.1)
+def test_fraction_bound_with_and_without_class_labels():
+    crit = AnomalyCriteria(min_cluster_size=5, min_cluster_fraction=0.1, label_free_fraction=0.05)
     assert crit.tiny_cluster_limit(256) == 25 and crit.tiny_cluster_limit(20) == 5
-    flags = crit.flag(
-        torch.tensor([20, 30]), torch.tensor([10.0, 10.0]), torch.tensor([1.0, 1.0]), torch.tensor([False, False]), 256
+    assert crit.tiny_cluster_limit(256, labelled=False) == 12
+    args = (
+        torch.tensor([10, 20, 30]),
+        torch.tensor([10.0] * 3),
+        torch.tensor([1.0] * 3),
+        torch.tensor([False] * 3),
+        256,
     )
-    assert flags["unbalanced"].tolist() == [True, False]
+    labelled = crit.flag(*args, class_selective=torch.tensor([False] * 3))
+    assert labelled["unbalanced"].tolist() == [True, True, False]
+    # Without labels the bound stays below one class's share of the probe.
+    assert crit.flag(*args)["unbalanced"].tolist() == [True, False, False]
+    # Global PCA with labels: class detectors are excluded, but the bound is the label-free one.
+    glob = AnomalyCriteria(min_cluster_fraction=0.1, label_free_fraction=0.05, class_conditional=False)
+    assert glob.flag(*args, class_selective=torch.tensor([False] * 3))["unbalanced"].tolist() == [True, False, False]
 
 
-def test_strength_grades_the_rules_and_is_one_exactly_for_full_passes():
-    crit = TRUTH_TABLE_CRITERIA
-    smallest, ch, act, degenerate = truth_table_layer()
-    strength = crit.strength(smallest, ch, act, degenerate)
-    flags = crit.flag(smallest, ch, act, degenerate)
-    # Typical CH 20 -> threshold 40; typical activation 1 -> threshold 1.5.
-    expected = [1.0, 0.0, 20.0 / 40.0, 1.0 / 1.5, 0.0, 0.0, 0.0]
-    assert strength.tolist() == pytest.approx(expected)
-    assert (strength[flags["anomaly"]] == 1.0).all()
-    assert ((strength >= 0) & (strength <= 1)).all()
+def test_class_selective_rule_and_its_flags():
+    crit = AnomalyCriteria(min_cluster_size=2, min_cluster_fraction=0.0, min_separation=0.0, activation_ratio=0.0)
+    classes = torch.arange(20) // 5  # four classes of five
+    masks = torch.zeros(3, 20, dtype=torch.bool)
+    masks[0, :4] = True  # 4 of class 0's 5: a class detector
+    masks[1, [0, 5]] = True  # two classes mixed: not one class
+    masks[2, :2] = True  # pure, but 2 of 5 (40% < class_coverage 50%)
+    selective = crit.class_selective(masks, classes)
+    assert selective.tolist() == [True, False, False]
+    sizes = masks.sum(1)
+    ch = torch.tensor([10.0, 10.0, 10.0], dtype=torch.float64)
+    flags = crit.flag(sizes, ch, torch.ones(3), torch.zeros(3, dtype=torch.bool), 20, class_selective=selective)
+    # Filter 0 is too big for the bound of 2 anyway; with a looser bound it is class-selective, not an anomaly.
+    loose = AnomalyCriteria(
+        min_cluster_size=4, min_cluster_fraction=0.0, min_separation=0.0, activation_ratio=0.0, ch_ratio=0.5
+    )
+    loose_flags = loose.flag(sizes, ch, torch.ones(3), torch.zeros(3, dtype=torch.bool), 20, class_selective=selective)
+    assert flags["class_selective"].tolist() == [False, False, False]
+    assert loose_flags["class_selective"].tolist() == [True, False, False]
+    assert loose_flags["anomaly"].tolist() == [False, True, True]
+
+
+def test_strength_is_squared_separation_of_tiny_non_class_clusters():
+    crit = AnomalyCriteria(min_cluster_size=5, min_cluster_fraction=0.0)
+    smallest = torch.tensor([3, 3, 3, 40, 3])
+    degenerate = torch.tensor([False, False, True, False, False])
+    sep = torch.tensor([6.0, 2.0, 9.0, 9.0, 7.0], dtype=torch.float64)
+    selective = torch.tensor([False, False, False, False, True])
+    strength = crit.strength(smallest, degenerate, sep, 256, selective)
+    # Degenerate, too big and class-selective filters give nothing.
+    assert strength.tolist() == pytest.approx([36.0, 4.0, 0.0, 0.0, 0.0])
+    # Separation below min_separation still counts, graded: the ranking does not hinge on that threshold.
+    flags = crit.flag(smallest, sep, torch.ones(5), degenerate, 256, class_selective=selective, separation=sep)
+    assert flags["separated"].tolist() == [True, False, False, True, True]
 
 
 def test_zero_activation_ratio_turns_the_activation_rule_off():
@@ -117,5 +156,3 @@ def test_zero_activation_ratio_turns_the_activation_rule_off():
     flags = crit.flag(smallest, ch, act, degenerate)
     # Filter 0 has the layer's lowest activation and is still flagged.
     assert flags["high_activation"].all() and flags["anomaly"].tolist() == [True, False, False]
-    # The activation factor is 1 for all; filter 1 reaches 1/4 of the CH threshold (median 4).
-    assert crit.strength(smallest, ch, act, degenerate).tolist() == pytest.approx([1.0, 0.25, 0.0])

@@ -22,7 +22,7 @@ def test_run_all_writes_every_section_from_a_short_run(tmp_path):
     run = data["results"][0]
     assert run["dataset"] == "shapes" and run["rows"][0]["epoch"] == 3
     # Every flagging rule and clustering variant was evaluated at the analysis.
-    assert "share 10%, theta 0.5" in run["rows"][0]["variants"]
+    assert "share 20%, theta 0.5" in run["rows"][0]["variants"]
     assert "tap after ReLU" in run["rows"][0]["clustering"]
 
 

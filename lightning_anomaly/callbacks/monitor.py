@@ -450,6 +450,7 @@ class AnomalyFilterCallback(Callback):
                     seed=self.seed,
                     forward=forward,
                     on_layer=None if progress is None else (lambda _site: progress.update(1)),
+                    classes=self._probe[1],
                 )
         except NotImplementedError as err:
             raise _no_forward(pl_module) from err

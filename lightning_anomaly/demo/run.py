@@ -67,7 +67,7 @@ class _EpochTable(Callback):
 
             self._say(
                 trainer,
-                f"{h['epoch'] + 1:>5} {f(tr, 9)} {f(va, 8)} {f(gap, 6)} {f(self.asr.get(h['epoch']), 8, 2)} "
+                f"{h['epoch']:>5} {f(tr, 9)} {f(va, 8)} {f(gap, 6)} {f(self.asr.get(h['epoch']), 8, 2)} "
                 f"{h['anomaly_count']:>7} {h['outlier_count']:>8} {planted:>14} {f(ratio, 10, 2)}"
                 + (f"   <- pruned {h['prune_event']['n_pruned']} filters" if h.get("prune_event") else ""),
             )

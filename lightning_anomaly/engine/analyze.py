@@ -18,7 +18,7 @@ from lightning_anomaly.engine.gmm import fit_gmm, uniform_width
 from lightning_anomaly.engine.gradients import LossFn, per_sample_grad_norms
 from lightning_anomaly.engine.pca import batched_pca
 from lightning_anomaly.engine.reference import sklearn_cluster, sklearn_pca
-from lightning_anomaly.engine.scores import calinski_harabasz, cluster_sizes
+from lightning_anomaly.engine.scores import calinski_harabasz, cluster_sizes, separation
 from lightning_anomaly.report import AnalysisReport, LayerReport, count_outliers, score_outliers
 
 __all__ = ["analyze", "cluster_points"]
@@ -145,6 +145,7 @@ def analyze(
     forward: Callable[[nn.Module, Any], Any] | None = None,
     output_transform: Callable[[Any], Tensor] | None = None,
     on_layer: Callable[[str], None] | None = None,
+    classes: Tensor | None = None,
 ) -> AnalysisReport:
     """Find the anomaly filters of ``model`` on a probe batch (arXiv 2412.10457).
 
@@ -185,6 +186,9 @@ def analyze(
         forward: ``(model, inputs) -> output``; ``model(inputs)`` by default.
         output_transform: Maps the model's output to ``loss_fn``'s input (tuple or dict outputs).
         on_layer: Called with each site name as its maps are reduced (progress).
+        classes: ``(N,)`` class labels (or ``(N, C)`` one-hot/probabilities) for the class-aware
+            flags when ``targets`` are not given or are not class labels; taken from ``targets`` by
+            default. Without class labels the label-free bound applies (``label_free_fraction``).
 
     Returns:
         An :class:`~lightning_anomaly.AnalysisReport`.
@@ -224,6 +228,13 @@ def analyze(
         )
     sites = select_layers(model, layers)
     x = model_inputs(model, inputs, device)
+    if classes is not None and (not isinstance(classes, Tensor) or classes.shape[0] != n):
+        raise ValueError(
+            f"classes must be a tensor with one entry per probe sample ({n}), got "
+            f"{tuple(classes.shape) if isinstance(classes, Tensor) else type(classes).__name__}"
+        )
+    labels = classes if classes is not None else targets
+    classes = class_ids(labels) if labels is not None else None
 
     pca = sklearn_pca if backend == "sklearn" else batched_pca
     # Layers chosen by default, by class or by pattern that do not run in eval mode (auxiliary heads)
@@ -237,13 +248,14 @@ def analyze(
         forward=forward,
         on_layer=on_layer,
         required=named_exactly(layers),
+        groups=classes if criteria.class_conditional else None,
     )
     if not captures:
         raise ValueError(
             "none of the model's conv layers ran in the probe forward (eval mode); check the model's forward or "
             "pass forward=..."
         )
-    layer_reports = _cluster_and_flag(captures, criteria, seed, backend, n)
+    layer_reports = _cluster_and_flag(captures, criteria, seed, backend, n, classes)
 
     counts = count_outliers(layer_reports.values(), n)
 
@@ -256,17 +268,50 @@ def analyze(
         layers=layer_reports,
         n_samples=n,
         outlier_counts=counts,
-        outlier_scores=score_outliers(layer_reports.values(), n, criteria),
+        outlier_scores=score_outliers(layer_reports.values(), n, criteria, classes is not None),
         grad_norms=grads,
         criteria=criteria.to_dict(),
         backend=backend,
         seed=seed,
         seconds=time.perf_counter() - start,
+        classes=classes,
     )
 
 
+def class_ids(targets: Tensor) -> Tensor | None:
+    """Class ids ``(N,)`` int64 in ``[0, G)`` from classification targets, or ``None`` if they are not.
+
+    Integer labels ``(N,)`` are renumbered densely; one-hot or probability targets ``(N, C)`` give
+    their argmax. Anything else (regression targets, one class, a class per sample on average
+    fewer than two) has no class structure to account for.
+
+    Example::
+
+        >>> class_ids(torch.tensor([7, 3, 7, 3])).tolist()
+        [1, 0, 1, 0]
+        >>> class_ids(torch.tensor([0.5, 1.5, 2.5])) is None
+        True
+    """
+    if targets.ndim == 2 and targets.shape[1] > 1 and targets.is_floating_point():
+        labels = targets.argmax(1)
+    elif targets.ndim == 1 and not targets.is_floating_point() and targets.dtype != torch.bool:
+        labels = targets
+    else:
+        return None
+    _, dense = torch.unique(labels.cpu(), return_inverse=True)
+    n_classes = int(dense.max()) + 1 if dense.numel() else 0
+    if n_classes < 2 or n_classes * 2 > dense.numel():
+        return None
+    return dense.long()
+
+
 def _cluster_and_flag(
-    captures: list[LayerCapture], criteria: AnomalyCriteria, seed: int, backend: Backend, n: int
+    captures: list[LayerCapture],
+    criteria: AnomalyCriteria,
+    seed: int,
+    backend: Backend,
+    n: int,
+    classes: Tensor | None = None,
 ) -> OrderedDict[str, LayerReport]:
     # All clusterable filters of all layers go into one batch (1-D points padded with a zero
     # coordinate, which changes neither the mixture fit nor CH).
@@ -306,10 +351,19 @@ def _cluster_and_flag(
         smallest = torch.where(sizes > 0, sizes, torch.full_like(sizes, n + 1)).amin(1)
         smallest = torch.where(degenerate, torch.zeros_like(smallest), smallest)
         activation = cap.activation.cpu()
-        flags = criteria.flag(smallest, ch, activation, degenerate, n)
-        # Keep the points of the strongest anomaly filters (highest CH) for plots.
-        flagged = flags["anomaly"].nonzero().flatten()
-        keep = flagged[ch[flagged].argsort(descending=True)[:_POINTS_PER_LAYER]]
+        sized = torch.where(sizes > 0, sizes, torch.full_like(sizes, n + 1))
+        masks = (labels == sized.argmin(1, keepdim=True)) & ~degenerate[:, None]
+        sep = separation(cap.points.cpu(), masks)
+        selective = criteria.class_selective(masks, classes) if classes is not None else None
+        flags = criteria.flag(smallest, ch, activation, degenerate, n, class_selective=selective, separation=sep)
+        # Keep the points of the filters that single out samples most strongly for plots: anomaly
+        # filters first, then the other scored ones (tiny, not a class), by separation.
+        weight = criteria.strength(smallest, degenerate, sep, n, selective)
+        scored = (weight > 0).nonzero().flatten()
+        rank = weight[scored] + flags["anomaly"][scored].double() * (
+            1.0 + (float(weight.max()) if weight.numel() else 0.0)
+        )
+        keep = scored[rank.argsort(descending=True)[:_POINTS_PER_LAYER]]
         reports[cap.name] = LayerReport(
             name=cap.name,
             n_filters=c,
@@ -329,6 +383,7 @@ def _cluster_and_flag(
             point_filters=keep,
             points=cap.points[keep.to(cap.points.device)].float().cpu(),
             point_labels=labels[keep].to(torch.int8),
+            separation=sep,
             **flags,
         )
     return reports

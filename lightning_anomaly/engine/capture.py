@@ -187,13 +187,20 @@ def hooked_forward(
             handle.remove()
 
 
-def reduce_maps(maps: Tensor, n_components: int, pca: PCAFn = batched_pca) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def reduce_maps(
+    maps: Tensor, n_components: int, pca: PCAFn = batched_pca, groups: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Reduce one layer's maps to per-filter points and statistics.
+
+    With ``groups`` (the probe's class labels), each group's mean map is subtracted before the PCA:
+    the points then show how a sample differs from its own class, not which class it is in, so a
+    filter that merely answers one class has nothing left to split off.
 
     Args:
         maps: ``(N, C, H, W)`` output of the layer, any float dtype or memory format.
         n_components: PCA dimensions (clipped to ``H * W`` and ``N``).
         pca: Function ``(x (B, N, D), q) -> (scores (B, N, q), variance (B, q))``.
+        groups: ``(N,)`` int64 group ids in ``[0, G)`` (class labels), or ``None`` for one group.
 
     Returns:
         ``points`` ``(C, N, q)``, ``explained`` ``(C,)``, ``activation`` ``(C,)`` and ``reason``
@@ -207,6 +214,10 @@ def reduce_maps(maps: Tensor, n_components: int, pca: PCAFn = batched_pca) -> tu
     activation = torch.zeros(c, dtype=torch.float64, device=maps.device)
     reason = torch.zeros(c, dtype=torch.int8, device=maps.device)
     step = max(1, _REDUCE_CHUNK_BYTES // max(1, n * d * 4))
+    onehot = means_of = None
+    if groups is not None:
+        onehot = torch.nn.functional.one_hot(groups.to(maps.device), int(groups.max()) + 1).float()  # (N, G)
+        means_of = onehot.mT / onehot.sum(0).clamp_min(1)[:, None]  # (G, N): each group's mean
     for lo in range(0, c, step):
         hi = min(c, lo + step)
         # reshape, not view: channels_last maps are not contiguous in this order.
@@ -225,12 +236,18 @@ def reduce_maps(maps: Tensor, n_components: int, pca: PCAFn = batched_pca) -> tu
         idx = ok.nonzero().squeeze(-1)
         if idx.numel() == 0:
             continue
-        scores, var = pca(x[idx], q)
+        xs, used_spread = x[idx], spread[idx]
+        if onehot is not None and means_of is not None:
+            xs = xs - onehot @ (means_of @ xs)  # within-group residuals (zero mean overall)
+            used_spread = xs.square().sum((1, 2))
+        scores, var = pca(xs, q)
         norm = scores.square().sum(-1).mean(-1).sqrt()  # (c_ok,)
         lost = norm <= 0
         scores = scores / norm.clamp_min(torch.finfo(torch.float32).tiny)[:, None, None]
         points[lo + idx] = scores.float()
-        explained[lo + idx] = (var.sum(-1) * (n - 1) / spread[idx]).clamp(0, 1).float()
+        explained[lo + idx] = (
+            (var.sum(-1) * (n - 1) / used_spread.clamp_min(torch.finfo(torch.float32).tiny)).clamp(0, 1).float()
+        )
         if bool(lost.any()):
             r[idx[lost]] = 2
             points[lo + idx[lost]] = 0
@@ -247,6 +264,7 @@ def capture_layers(
     forward: Callable[[nn.Module, Any], Any] | None = None,
     on_layer: Callable[[str], None] | None = None,
     required: Collection[str] | None = None,
+    groups: Tensor | None = None,
 ) -> list[LayerCapture]:
     """Run one probe forward and return the reduced output of every selected site.
 
@@ -266,6 +284,8 @@ def capture_layers(
         on_layer: Called with each site name once it is reduced (progress reporting).
         required: Names of the selected modules that must run (all of them when ``None``);
             others that did not run (auxiliary heads that only run in training) are left out.
+        groups: ``(N,)`` class ids; each class's mean map is removed before the PCA (see
+            :func:`reduce_maps`).
 
     Raises:
         ValueError: A selected module's output is not a 4-D tensor, or a required module never ran.
@@ -286,7 +306,7 @@ def capture_layers(
             site = name if i == 0 else f"{name}#{i}"
             # Out of any autocast region (bf16-mixed, fp16-mixed): the PCA runs in float32 or better.
             with torch.autocast(output.device.type, enabled=False):
-                points, explained, activation, reason = reduce_maps(output.detach(), n_components, pca)
+                points, explained, activation, reason = reduce_maps(output.detach(), n_components, pca, groups)
             out.append(
                 LayerCapture(
                     site, name, (int(output.shape[2]), int(output.shape[3])), points, explained, activation, reason

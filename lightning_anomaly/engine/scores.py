@@ -67,3 +67,42 @@ def calinski_harabasz(points: Tensor, labels: Tensor, n_clusters: int) -> Tensor
     ch = torch.where(zero, torch.ones_like(ch), ch)
     undefined = (k < 2) | (k >= n)
     return torch.where(undefined, torch.full_like(ch, math.nan), ch)
+
+
+def separation(points: Tensor, members: Tensor) -> Tensor:
+    """How far a group of points lies from the rest, in within-group standard deviations.
+
+    The distance between the group's mean and the other points' mean, divided by the pooled
+    within-group standard deviation per dimension. A tail cut from one Gaussian blob scores about
+    2-3; a group that a filter answers apart from everything else scores much higher.
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> pts = torch.randn(1, 100, 2, generator=g)
+        >>> pts[0, :5] += 20.0
+        >>> members = torch.zeros(1, 100, dtype=torch.bool)
+        >>> members[0, :5] = True
+        >>> bool(separation(pts, members)[0] > 10)
+        True
+
+    Args:
+        points: ``(B, N, d)`` float points.
+        members: ``(B, N)`` bool group membership.
+
+    Returns:
+        ``(B,)`` float64; 0 where the group or the rest has fewer than one point.
+    """
+    x = points.double()
+    m = members.to(x.dtype).unsqueeze(-1)  # (B, N, 1)
+    n_in = m.sum(1)  # (B, 1)
+    n_out = x.shape[1] - n_in
+    mean_in = (x * m).sum(1) / n_in.clamp_min(1)
+    mean_out = (x * (1 - m)).sum(1) / n_out.clamp_min(1)
+    resid = x - torch.where(m.bool(), mean_in.unsqueeze(1), mean_out.unsqueeze(1))
+    dof = (x.shape[1] - 2) * x.shape[-1]
+    pooled = resid.square().sum((1, 2)) / max(1, dof)
+    dist = (mean_in - mean_out).norm(dim=-1)
+    sep = dist / pooled.clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+    ok = (n_in.squeeze(-1) > 0) & (n_out.squeeze(-1) > 0)
+    return torch.where(ok, sep, torch.zeros_like(sep))

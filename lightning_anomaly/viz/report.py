@@ -98,10 +98,10 @@ def _ch_over_epochs(plt: Any, history: list[dict[str, Any]], epochs: list[int] |
     if not with_hist:
         return None
     if epochs:
-        chosen = [h for h in with_hist if h["epoch"] + 1 in set(epochs)]
-        missing = sorted(set(epochs) - {h["epoch"] + 1 for h in chosen})
+        chosen = [h for h in with_hist if h["epoch"] in set(epochs)]
+        missing = sorted(set(epochs) - {h["epoch"] for h in chosen})
         if missing:
-            raise ValueError(f"no analysis at epochs {missing}; analysed epochs: {[h['epoch'] + 1 for h in with_hist]}")
+            raise ValueError(f"no analysis at epochs {missing}; analysed epochs: {[h['epoch'] for h in with_hist]}")
     else:
         picks = sorted({0, len(with_hist) // 2, len(with_hist) - 1})
         chosen = [with_hist[i] for i in picks]
@@ -116,7 +116,7 @@ def _ch_over_epochs(plt: Any, history: list[dict[str, Any]], epochs: list[int] |
         for i, h in enumerate(chosen):
             hist = h["layer_ch_hist"].get(layer)
             if hist:
-                ax.stairs(hist["counts"], hist["edges"], color=f"C{i}", label=f"epoch {h['epoch'] + 1}")
+                ax.stairs(hist["counts"], hist["edges"], color=f"C{i}", label=f"epoch {h['epoch']}")
         ax.set_title(layer, fontsize=7)
         ax.tick_params(labelsize=6)
     axes.flat[0].legend(fontsize=6)
@@ -125,16 +125,24 @@ def _ch_over_epochs(plt: Any, history: list[dict[str, Any]], epochs: list[int] |
     return fig
 
 
+def _integer_ticks() -> Any:
+    """Epoch axes show whole epochs only (matplotlib would draw 1.2, 1.4, ... on short runs)."""
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
 def _figures(doc: dict[str, Any], probe: dict[str, Any] | None, ch_epochs: list[int] | None = None) -> dict[str, Any]:
     plt = _pyplot()
     history = doc["history"]
     figs: dict[str, Any] = {}
-    epochs = [h["epoch"] + 1 for h in history]
-    prunes = [h["epoch"] + 1 for h in history if h.get("prune_event")]
+    epochs = [h["epoch"] for h in history]
+    prunes = [h["epoch"] for h in history if h.get("prune_event")]
 
     fig, ax = plt.subplots(figsize=(7, 3.4))
     ax.plot(epochs, [h["anomaly_count"] for h in history], "o-", color="C3", label="anomaly filters")
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("epoch (0-based)")
+    ax.xaxis.set_major_locator(_integer_ticks())
     ax.set_ylabel("anomaly filters", color="C3")
     ax2 = ax.twinx()
     for key, style in (("train_acc", "C0-"), ("val_acc", "C2-")):
@@ -194,18 +202,16 @@ def _figures(doc: dict[str, Any], probe: dict[str, Any] | None, ch_epochs: list[
         fig, ax = plt.subplots(figsize=(7, 3))
         ax.plot(epochs, [math.nan if v is None else v for v in out_g], "o-", color="C3", label="outlier samples")
         ax.plot(epochs, [math.nan if v is None else v for v in norm_g], "o-", color="C0", label="other probe samples")
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("epoch (0-based)")
+        ax.xaxis.set_major_locator(_integer_ticks())
         ax.set_ylabel("mean per-sample gradient norm")
         ax.legend(fontsize=8)
         ax.set_title("gradient norms: outlier vs normal (the paper's H2)")
         figs["grads"] = fig
 
-    if probe is not None and history and history[-1]["outlier_indices"]:
-        counts: dict[int, int] = {}
-        for h in history[-3:]:
-            for i in h["outlier_indices"]:
-                counts[i] = counts.get(i, 0) + 1
-        top = sorted(counts, key=lambda i: (-counts[i], i))[:16]
+    if probe is not None and history and history[-1].get("top_outliers"):
+        # The package's own ranking (AnalysisReport.top_outliers) at the last analysis.
+        top = list(history[-1]["top_outliers"])[:16]
         cols = min(8, len(top))
         rows = math.ceil(len(top) / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.5 * rows), squeeze=False)
@@ -213,24 +219,25 @@ def _figures(doc: dict[str, Any], probe: dict[str, Any] | None, ch_epochs: list[
             ax.axis("off")
         for ax, i in zip(axes.flat, top, strict=False):
             _show(ax, probe, i)
-        fig.suptitle("outlier probe samples (most often singled out lately)", fontsize=9)
+        fig.suptitle("most suspicious probe samples at the last analysis (top_outliers)", fontsize=9)
         fig.tight_layout(rect=(0, 0, 1, 0.96))
         figs["outliers"] = fig
     return figs
 
 
 def _scatter(plt: Any, last: dict[str, Any], probe: dict[str, Any] | None = None, most: int = 8) -> Any:
-    """2-D points of the strongest anomaly filters, their tiny cluster in red, and its first images."""
+    """2-D points of the filters that single out samples most strongly, their tiny cluster in red, and its first images."""
     picks = []
     for layer in last["layers"]:
-        typical = layer.get("ch_typical") or 1.0
+        seps = layer.get("separation")
         for j, f in enumerate(layer.get("point_filters") or []):
-            ch = layer["ch"][f]
-            if ch is not None:
-                picks.append((ch / typical, layer, j, f))
+            strength = seps[f] if seps is not None else layer["ch"][f]
+            if strength is not None:
+                picks.append((bool(layer["anomaly"][f]), strength, layer, j, f))
     if not picks:
         return None
-    picks.sort(key=lambda t: -t[0])
+    picks.sort(key=lambda t: (not t[0], -t[1]))
+    picks = [(t[1], *t[2:]) for t in picks]
     picks = picks[:most]
     shown = 4 if probe is not None else 0  # images of the tiny cluster beside each scatter
     fig, axes = plt.subplots(
@@ -254,13 +261,15 @@ def _scatter(plt: Any, last: dict[str, Any], probe: dict[str, Any] | None = None
         ax.axis("on")
         ax.scatter(x[~tiny], y[~tiny], s=6, color="C7")
         ax.scatter(x[tiny], y[tiny], s=14, color="C3")
-        ax.set_title(f"{layer['name']} #{f}: CH x{ratio:.1f}, {int(tiny.sum())} in red", fontsize=7)
+        ax.set_title(f"{layer['name']} #{f}: separation {ratio:.1f}, {int(tiny.sum())} in red", fontsize=7)
         ax.set_xticks([])
         ax.set_yticks([])
         if probe is not None:
             for img_ax, i in zip(row[1:], tiny.nonzero().flatten().tolist(), strict=False):
                 _show(img_ax, probe, i)
-    fig.suptitle("strongest anomaly filters: probe samples in PCA space, tiny cluster in red", fontsize=9)
+    fig.suptitle(
+        "filters that single samples out most (anomaly filters first): PCA space, tiny cluster in red", fontsize=9
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     return fig
 
@@ -302,7 +311,7 @@ def build_report(
         run_dir: The run's log directory (or the history file itself).
         out: Output file (HTML) or directory (PNG); next to the history by default.
         fmt: ``"html"`` (images embedded) or ``"png"``.
-        epochs: 1-based epochs whose CH histograms to compare (first, middle and last by default).
+        epochs: 0-based epochs (Lightning's current_epoch, as in the history) whose CH histograms to compare (first, middle and last by default).
 
     Returns:
         The HTML file or the PNG directory.
@@ -333,7 +342,7 @@ def build_report(
     last = doc["history"][-1]
     crit = doc.get("criteria", {})
     rows = "".join(
-        f"<tr><td>{h['epoch'] + 1}</td><td>{h['anomaly_count']}</td><td>{h['outlier_count']}</td>"
+        f"<tr><td>{h['epoch']}</td><td>{h['anomaly_count']}</td><td>{h['outlier_count']}</td>"
         f"<td>{_f(h.get('gradient_ratio'))}</td><td>{_f(h.get('metrics', {}).get('train_acc'))}</td>"
         f"<td>{_f(h.get('metrics', {}).get('val_acc'))}</td><td>{'pruned ' + str(h['prune_event']['n_pruned']) if h.get('prune_event') else ''}</td></tr>"
         for h in doc["history"]

@@ -47,7 +47,12 @@ def test_planted_anomaly_filter_and_its_samples_are_found():
     assert report.grad_norms is not None and report.grad_norms.shape == (64,)
     assert report.gradient_ratio is not None and report.gradient_ratio > 0
     # Each criterion is reported on its own and the anomaly flag is their conjunction.
-    assert torch.equal(layer.anomaly, layer.unbalanced & layer.high_ch & layer.high_activation)
+    assert torch.equal(
+        layer.anomaly,
+        layer.unbalanced & layer.high_ch & layer.high_activation & layer.separated & ~layer.class_selective,
+    )
+    # The trigger group stands far from the rest; the other filters' smallest clusters do not.
+    assert layer.separation[7] > 10 and (layer.separation[:7] < 5).all()
     # The anomaly filter's points and labels are kept for plots; its tiny cluster is the triggered samples.
     assert layer.point_filters.tolist() == [7] and layer.points.shape == (1, 64, 2)
     tiny = torch.bincount(layer.point_labels[0].long()).argmin()
@@ -175,18 +180,20 @@ def test_outlier_scores_extend_the_counts_with_partial_credit():
     model, x = Planted(), planted_probe()
     report = analyze(model, x)
     assert report.outlier_scores is not None and report.outlier_scores.dtype == torch.float64
-    # Every anomaly filter adds 1, so the score is never below the count...
+    # Every anomaly filter adds its squared separation (>= min_separation**2 >= 1), so the score is
+    # never below the count...
     assert (report.outlier_scores >= report.outlier_counts.double() - 1e-12).all()
     # ...and here the triggered samples lead both rankings.
     assert report.top_outliers(4) == [0, 1, 2, 3]
     # A CH rule no filter meets: no anomaly, no count, but the planted filter still scores its
-    # tiny cluster by the share of the CH threshold it reaches.
+    # tiny cluster by its squared separation: the ranking does not hinge on the hard flags.
     strict = report.reflag(AnomalyCriteria(ch_ratio=1e6))
     assert strict.anomaly_count == 0 and int(strict.outlier_counts.sum()) == 0
     assert strict.outlier_scores is not None
-    top = strict.outlier_scores.argsort(descending=True)[:4].sort().values.tolist()
-    assert top == [0, 1, 2, 3] and float(strict.outlier_scores.max()) < 1.0
-    assert strict.top_outliers(4) == top
+    assert torch.equal(strict.outlier_scores, report.outlier_scores)
+    assert strict.top_outliers(4) == [0, 1, 2, 3]
+    sep = float(report.layers["conv"].separation[7])
+    assert float(strict.outlier_scores[0]) >= sep**2 - 1e-9
 
 
 def test_outlier_score_matches_a_per_filter_loop_on_a_trained_cnn(tiny_cnn, probe):
@@ -196,7 +203,7 @@ def test_outlier_score_matches_a_per_filter_loop_on_a_trained_cnn(tiny_cnn, prob
     expected = torch.zeros(n, dtype=torch.float64)
     counts = torch.zeros(n, dtype=torch.long)
     for lr in report.layers.values():
-        strength = crit.strength(lr.min_cluster_size, lr.ch, lr.activation, lr.degenerate, n)
+        strength = crit.strength(lr.min_cluster_size, lr.degenerate, lr.separation, n)
         for f in range(lr.n_filters):
             lab = lr.labels[f].long()
             if lab.min() < 0:
@@ -246,3 +253,56 @@ def test_reflag_of_a_report_saved_without_labels_names_the_fix():
     assert light.anomaly_count == report.anomaly_count  # flags survive, labels do not
     with pytest.raises(ValueError, match=r"no cluster labels .*to_dict\(labels=False\)"):
         light.reflag(AnomalyCriteria(ch_ratio=2.0))
+
+
+class ClassAndTrigger(nn.Module):
+    """Filter 0 answers a whole class (a patch every class-0 sample carries); filter 1 answers a
+    trigger that 3 samples of class 1 carry; filters 2-5 read noise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = nn.Conv2d(3, 6, 3)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[0, 0] = 1.0
+            self.conv.weight[1, 1] = 1.0
+            self.conv.weight[2:, 2] = torch.randn(4, 3, 3, generator=g) * 0.3
+            self.conv.bias.zero_()
+        self.head = nn.Linear(6, 8)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def class_and_trigger_probe() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    y = torch.arange(64) % 8  # 8 balanced classes of 8 samples: a class is 12.5% of the probe
+    x = torch.randn(64, 3, 8, 8, generator=g) * 0.3
+    x[y == 0, 0, 2:5, 2:5] += 6.0  # the class-0 feature
+    x[[1, 9, 17], 1, :3, :3] += 8.0  # a trigger on 3 of the 8 samples of class 1
+    return x, y
+
+
+def test_a_class_detector_is_class_selective_and_a_sub_class_group_is_the_anomaly():
+    model, (x, y) = ClassAndTrigger(), class_and_trigger_probe()
+    report = analyze(model, x, y)
+    layer = report.layers["conv"]
+    assert layer.anomaly.tolist() == [False, True, False, False, False, False]
+    assert report.top_outliers(3) == [1, 9, 17]
+    assert report.outlier_indices == [1, 9, 17]
+    # Had the trigger reached half of its class, the group would be that class's structure, not a
+    # handful of samples: class-selective by the same rule.
+    assert AnomalyCriteria().class_selective(layer.small_cluster_masks(torch.tensor([1])), y).tolist() == [False]
+    # Judged on the raw maps (no class removal) with a bound above a class's share, the class
+    # detector's tiny cluster is class 0: it is named class-selective, never an anomaly.
+    loose = AnomalyCriteria(class_conditional=False, label_free_fraction=0.2)
+    glob = analyze(model, x, y, criteria=loose).layers["conv"]
+    assert glob.class_selective[0] and not glob.anomaly[0]
+    assert glob.anomaly[1] and not glob.class_selective[1]
+    assert analyze(model, x, y, criteria=loose).class_selective_count >= 1
+    # Without labels nothing tells a class from a group: the same bound flags the class detector,
+    # which is why the label-free bound stays below a class's share by default.
+    blind = analyze(model, x, criteria=loose).layers["conv"]
+    assert blind.anomaly[0] and not blind.class_selective.any()
+    assert not analyze(model, x).layers["conv"].anomaly[0]

@@ -1,0 +1,351 @@
+"""Issue 12 evidence: are the flags class-aware, size-robust and stable? Judged at the top of the list.
+
+    python experiments/flags.py [--seeds 3] [--epochs 15] [--probe 256] [--out docs]
+
+For each setting (digits, shapes), ground truth (G2 backdoor, G3 rare inputs, G1 label noise) and
+planted share (1%, 3%, 5%, 10%, 15% of the training set), plus a clean control, one SmallCNN is
+trained per seed (models are cached under experiments/.cache), a uniform probe is drawn from the
+training set, and the package's `analyze` runs with its targets. Per analysis it records:
+
+* precision@k of `top_outliers(k)`, k = planted samples in the probe (the primary metric), recall and
+  precision of the outlier set at its own size, and AUROC of the ranking (secondary);
+* the class-selective share of the anomaly flags: tiny cluster >= 80% one label holding >= 50% of that
+  label's probe samples;
+* the same precision@k for baselines: loss, EL2N, GraNd, Activation Clustering (Chen et al. 2018) and
+  Spectral Signatures (Tran et al. 2018), both on the penultimate activations, per class;
+* stability over clustering seeds 0/1/2 on the same model and probe: flag-set Jaccard and top-10 overlap.
+
+Writes experiments/flags.json and prints one JSON summary line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from lightning_anomaly import AnalysisReport, AnomalyCriteria, analyze
+from lightning_anomaly.demo import SmallCNN, digits_tensors
+from lightning_anomaly.demo.data import shapes_tensors
+from lightning_anomaly.demo.train import accuracy, train_plain
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    "digits": {"data": digits_tensors, "model": {}},
+    "shapes": {"data": shapes_tensors, "model": {"batch_norm": True}},
+}
+TRUTHS = {"G2 backdoor": "backdoor", "G3 rare": "rare", "G1 label noise": "label_noise"}
+SHARES = (0.01, 0.03, 0.05, 0.10, 0.15)
+CACHE = Path(__file__).with_name(".cache")
+
+
+@dataclass(frozen=True)
+class Config:
+    seeds: int = 3
+    epochs: int = 15
+    probe: int = 256
+    shares: tuple[float, ...] = SHARES
+    settings: tuple[str, ...] = ("digits", "shapes")
+    truths: tuple[str, ...] = tuple(TRUTHS)
+    compare: bool = False  # also analyse with class_conditional=False
+
+
+@dataclass
+class Trained:
+    model: torch.nn.Module
+    px: torch.Tensor
+    py: torch.Tensor
+    truth: np.ndarray
+    train_acc: float
+    val_acc: float
+
+
+def train(setting: str, truth: str | None, share: float, seed: int, cfg: Config) -> Trained:
+    spec = SETTINGS[setting]
+    kwargs = {TRUTHS[truth]: share} if truth else {}
+    xtr, ytr, xva, yva, planted = spec["data"](seed=seed, **kwargs)
+    probe = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(1000 + seed))[: cfg.probe]
+    model = SmallCNN(**spec["model"])
+    key = f"{setting}-{truth or 'control'}-{share}-{seed}-{cfg.epochs}.pt"
+    path = CACHE / key.replace(" ", "_")
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+    else:
+        torch.manual_seed(seed)
+        model = SmallCNN(**spec["model"])
+        train_plain(model, xtr, ytr, epochs=cfg.epochs, seed=seed)
+        CACHE.mkdir(exist_ok=True)
+        torch.save(model.state_dict(), path)
+    model.eval()
+    return Trained(
+        model, xtr[probe], ytr[probe], planted[probe].numpy(), accuracy(model, xtr, ytr), accuracy(model, xva, yva)
+    )
+
+
+def precision_at_k(truth: np.ndarray, ranked: list[int]) -> float | None:
+    k = int(truth.sum())
+    return float(truth[ranked[:k]].sum() / k) if k else None
+
+
+def ranked_by(score: np.ndarray) -> list[int]:
+    return np.argsort(-score, kind="stable").tolist()
+
+
+def class_selective_share(report: AnalysisReport, labels: np.ndarray) -> float | None:
+    """Share of anomaly filters whose tiny cluster is >= 80% one label and holds >= 50% of that label."""
+    per_class = np.bincount(labels, minlength=labels.max() + 1)
+    flagged = selective = 0
+    for lr in report.layers.values():
+        idx = lr.anomaly.nonzero().flatten()
+        if not idx.numel():
+            continue
+        masks = lr.small_cluster_masks(idx).numpy()
+        for m in masks:
+            flagged += 1
+            counts = np.bincount(labels[m], minlength=len(per_class))
+            top = int(counts.argmax())
+            if counts[top] >= 0.8 * m.sum() and counts[top] >= 0.5 * per_class[top]:
+                selective += 1
+    return selective / flagged if flagged else None
+
+
+def penultimate(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.flatten(model.features(x), 1)
+
+
+def activation_clustering(feats: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per class: ICA-free variant of Chen et al. 2018 - PCA to 10-D, 2-means; score = smaller cluster membership."""
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
+    score = np.zeros(len(labels))
+    for c in np.unique(labels):
+        idx = np.nonzero(labels == c)[0]
+        if len(idx) < 4:
+            continue
+        z = PCA(n_components=min(10, len(idx) - 1), random_state=0).fit_transform(feats[idx])
+        lab = KMeans(2, n_init=10, random_state=0).fit_predict(z)
+        sizes = np.bincount(lab, minlength=2)
+        small = int(sizes.argmin())
+        # Rank by how small the cluster is relative to its class (AC flags by relative size).
+        score[idx[lab == small]] = 1.0 - sizes[small] / len(idx)
+    return score
+
+
+def spectral_signatures(feats: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per class: squared projection of centred representations on the top singular vector."""
+    score = np.zeros(len(labels))
+    for c in np.unique(labels):
+        idx = np.nonzero(labels == c)[0]
+        if len(idx) < 2:
+            continue
+        r = feats[idx] - feats[idx].mean(0)
+        v = np.linalg.svd(r, full_matrices=False)[2][0]
+        s = (r @ v) ** 2
+        score[idx] = s / (s.max() + 1e-12)
+    return score
+
+
+def baselines(t: Trained, report: AnalysisReport) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        logits = t.model(t.px)
+        loss = torch.nn.functional.cross_entropy(logits, t.py, reduction="none")
+        el2n = (logits.softmax(-1) - torch.nn.functional.one_hot(t.py, logits.shape[-1])).norm(dim=-1)
+    feats = penultimate(t.model, t.px).numpy()
+    labels = t.py.numpy()
+    assert report.grad_norms is not None
+    return {
+        "loss": loss.numpy(),
+        "EL2N": el2n.numpy(),
+        "GraNd": report.grad_norms.numpy(),
+        "AC": activation_clustering(feats, labels),
+        "SS": spectral_signatures(feats, labels),
+    }
+
+
+def judge(report: AnalysisReport, t: Trained) -> dict[str, Any]:
+    k = int(t.truth.sum())
+    top = report.top_outliers(max(k, 10))
+    out_set = np.zeros(len(t.truth), dtype=bool)
+    out_set[report.outlier_indices] = True
+    scores = report.outlier_scores.numpy() if report.outlier_scores is not None else np.zeros(len(t.truth))
+    tp = int((out_set & t.truth).sum())
+    return {
+        "precision_at_k": precision_at_k(t.truth, top),
+        "set_size": int(out_set.sum()),
+        "set_precision": tp / out_set.sum() if out_set.any() else None,
+        "set_recall": tp / k if k else None,
+        "auroc": float(roc_auc_score(t.truth, scores)) if 0 < k < len(t.truth) and scores.std() > 0 else None,
+        "anomaly_count": report.anomaly_count,
+        "anomaly_fraction": report.anomaly_count / max(1, report.n_filters),
+        "class_selective_share": class_selective_share(report, t.py.numpy()),
+    }
+
+
+def stability(model: torch.nn.Module, px: torch.Tensor, py: torch.Tensor, crit: AnomalyCriteria) -> dict[str, Any]:
+    reports = [analyze(model, px, py, criteria=crit, seed=s) for s in (0, 1, 2)]
+    sets = [{(n, int(i)) for n, lr in r.layers.items() for i in lr.anomaly_indices} for r in reports]
+    tops = [set(r.top_outliers(10)) for r in reports]
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    # Two empty flag sets agree perfectly.
+    jac = [len(sets[a] & sets[b]) / len(sets[a] | sets[b]) if sets[a] | sets[b] else 1.0 for a, b in pairs]
+    overlap = [len(tops[a] & tops[b]) for a, b in pairs]
+    return {"jaccard": jac, "top10_overlap": overlap, "counts": [len(s) for s in sets]}
+
+
+VARIANTS = ("default", "global PCA", "no targets")
+STABILITY_MODELS = (
+    ("digits", "G2 backdoor", 0.03),
+    ("digits", "G1 label noise", 0.10),
+    ("shapes", "G3 rare", 0.05),
+    ("shapes", "G2 backdoor", 0.10),
+)
+BASELINES = ("loss", "EL2N", "GraNd", "AC", "SS")
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    rows = []
+    start = time.time()
+    # Label noise stays a loss-based task (see the table): one share is enough to show it.
+    runs = [(s, tr, sh) for s in cfg.settings for tr in cfg.truths for sh in cfg.shares if tr != "G1 label noise"]
+    runs += [(s, "G1 label noise", 0.10) for s in cfg.settings]
+    runs += [(s, None, 0.0) for s in cfg.settings]
+    for setting, truth, share in runs:
+        for seed in range(cfg.seeds):
+            t = train(setting, truth, share, seed, cfg)
+            reports = {"default": analyze(t.model, t.px, t.py, seed=0)}
+            if cfg.compare:
+                crit = AnomalyCriteria(class_conditional=False)
+                reports["global PCA"] = analyze(t.model, t.px, t.py, criteria=crit, seed=0)
+            reports["no targets"] = analyze(t.model, t.px, seed=0)
+            row: dict[str, Any] = {
+                "setting": setting,
+                "truth": truth or "C control",
+                "share": share,
+                "seed": seed,
+                "planted_in_probe": int(t.truth.sum()),
+                "gap": t.train_acc - t.val_acc,
+                "seconds": reports["default"].seconds,
+                "variants": {name: judge(r, t) for name, r in reports.items()},
+                "baselines": {
+                    n: precision_at_k(t.truth, ranked_by(s)) for n, s in baselines(t, reports["default"]).items()
+                },
+            }
+            rows.append(row)
+            v = row["variants"]["default"]
+            print(
+                f"[{time.time() - start:5.0f}s] {setting} {row['truth']} {share:.2f} seed {seed}: p@k {v['precision_at_k']} "
+                f"flags {v['anomaly_count']} cs {v['class_selective_share']} | base {row['baselines']}",
+                flush=True,
+            )
+    stab = []
+    for setting, truth, share in STABILITY_MODELS:
+        t = train(setting, truth, share, 0, cfg)
+        stab.append({"model": f"{setting} {truth} {share:.0%}", **stability(t.model, t.px, t.py, AnomalyCriteria())})
+        print(stab[-1], flush=True)
+    return {"config": {"seeds": cfg.seeds, "epochs": cfg.epochs, "probe": cfg.probe}, "rows": rows, "stability": stab}
+
+
+def _mean(values: list[float | None]) -> float | None:
+    v = [x for x in values if x is not None]
+    return float(np.mean(v)) if v else None
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def render(result: dict[str, Any]) -> str:
+    rows = result["rows"]
+    cfg = result["config"]
+    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["setting"], r["truth"], r["share"]), []).append(r)
+    out = [
+        "## Flags that mean something (issue 12): `python experiments/flags.py`",
+        "",
+        f"SmallCNN trained {cfg['epochs']} epochs per run, {cfg['seeds']} seeds, a uniform probe of {cfg['probe']} training "
+        "samples with their (possibly planted) labels. Primary column: precision@k of `top_outliers(k)`, k = planted "
+        "samples in the probe (mean over seeds). `global PCA`: `class_conditional=False` (class detectors removed by "
+        "the class-selective rule only); `no targets`: `analyze` without labels (label-free bound). Baselines are "
+        "precision@k of their own rankings: per-sample loss, EL2N, GraNd, Activation Clustering (AC) and Spectral "
+        "Signatures (SS) on the penultimate activations, per class. Base rate: the planted share of the probe. "
+        "`set P/R`: precision and recall of the outlier set (members of anomaly filters' tiny clusters) at its own "
+        "size. `flags`: anomaly filters (mean); `cs`: class-selective share of them (tiny cluster >= 80% one label "
+        "and >= 50% of that label's probe samples).",
+        "",
+        "| setting | truth | share | k | p@k default | p@k global PCA | p@k no targets | best baseline | base rate "
+        "| set P/R | AUROC | flags | cs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (setting, truth, share), rs in groups.items():
+        d = [r["variants"]["default"] for r in rs]
+        best = max(BASELINES, key=lambda b: _mean([r["baselines"][b] for r in rs]) or 0.0)
+        k = _mean([r["planted_in_probe"] for r in rs]) or 0.0
+        out.append(
+            f"| {setting} | {truth} | {share:.0%} | {k:.1f} | **{_fmt(_mean([x['precision_at_k'] for x in d]))}** "
+            f"| {_fmt(_mean([r['variants'].get('global PCA', {}).get('precision_at_k') for r in rs]))} "
+            f"| {_fmt(_mean([r['variants']['no targets']['precision_at_k'] for r in rs]))} "
+            f"| {best} {_fmt(_mean([r['baselines'][best] for r in rs]))} | {k / cfg['probe']:.2f} "
+            f"| {_fmt(_mean([x['set_precision'] for x in d]))}/{_fmt(_mean([x['set_recall'] for x in d]))} "
+            f"| {_fmt(_mean([x['auroc'] for x in d]))} | {_mean([x['anomaly_count'] for x in d]):.1f} "
+            f"| {_fmt(_mean([x['class_selective_share'] for x in d]))} |"
+        )
+    ctrl = [r for r in rows if r["truth"] == "C control"]
+    out += [
+        "",
+        "Clean control, anomaly filters as a share of analysed filters (default / global PCA / no targets): "
+        + ", ".join(
+            f"{r['setting']} seed {r['seed']}: "
+            + " / ".join(f"{r['variants'][v]['anomaly_fraction']:.3f}" if v in r["variants"] else "-" for v in VARIANTS)
+            for r in ctrl
+        )
+        + ".",
+        "",
+        "Stability across clustering seeds 0/1/2 (same model and probe, default settings): flag-set Jaccard and "
+        "top-10 overlap per pair of seeds (two empty flag sets count as Jaccard 1).",
+        "",
+        "| model | Jaccard | top-10 overlap | flags per seed |",
+        "|---|---|---|---|",
+    ]
+    for s in result["stability"]:
+        out.append(
+            f"| {s['model']} | {', '.join(f'{j:.2f}' for j in s['jaccard'])} | "
+            f"{', '.join(str(o) for o in s['top10_overlap'])} | {', '.join(str(c) for c in s['counts'])} |"
+        )
+    secs = [r["seconds"] for r in rows]
+    out += [
+        "",
+        f"Median analysis time (default, with gradient norms): {np.median(secs):.2f} s per probe of {cfg['probe']}.",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--probe", type=int, default=256)
+    parser.add_argument("--compare", action="store_true", help="also analyse with class_conditional=False")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "docs")
+    parser.add_argument("--render-only", action="store_true", help="re-render docs from experiments/flags.json")
+    args = parser.parse_args()
+    path = Path(__file__).with_name("flags.json")
+    if args.render_only:
+        result = json.loads(path.read_text())
+    else:
+        result = run(Config(seeds=args.seeds, epochs=args.epochs, probe=args.probe, compare=args.compare))
+        path.write_text(json.dumps(result, indent=1))
+    (args.out / "FLAGS.md").write_text(render(result))
+    print(json.dumps({"runs": len(result["rows"]), "stability": result["stability"]}))
+
+
+if __name__ == "__main__":
+    main()
