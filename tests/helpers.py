@@ -160,3 +160,45 @@ class RecordingPruner(AnomalyPruneCallback):
             },
         }
         Path(self.out_dir, f"prune{trainer.global_rank}.json").write_text(json.dumps(doc))
+
+
+class ScheduledMetrics(Net):
+    """A Net that trains as usual but logs given per-epoch metric values instead of measuring them.
+
+    ``train`` maps names logged in ``training_step`` (``on_epoch=True``), ``val`` names logged in
+    ``validation_step``, each to one value per epoch, so a trigger meets known values through the real
+    Trainer hooks.
+    """
+
+    def __init__(self, train: dict[str, list[float]], val: dict[str, list[float]], width: int = 16) -> None:
+        super().__init__(width=width)
+        self.train_schedule = {k: list(v) for k, v in train.items()}
+        self.val_schedule = {k: list(v) for k, v in val.items()}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.logits(x), y)
+        for name, values in self.train_schedule.items():
+            self.log(name, values[self.current_epoch], on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        for name, values in self.val_schedule.items():
+            self.log(name, values[self.current_epoch])
+
+
+class ScriptedCounts(AnomalyFilterCallback):
+    """An AnomalyFilterCallback whose history reports ``counts[epoch]`` as the anomaly count.
+
+    The analysis runs (and flags filters) as usual; only the count a trigger reads is scripted.
+    """
+
+    def __init__(self, counts: list[int], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.counts = list(counts)
+
+    def analysis_for_epoch(self, trainer, pl_module):
+        report = super().analysis_for_epoch(trainer, pl_module)
+        if report is not None:
+            self.history[-1]["anomaly_count"] = self.counts[trainer.current_epoch]
+        return report

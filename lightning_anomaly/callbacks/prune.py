@@ -10,12 +10,14 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_anomaly.callbacks.monitor import AnomalyFilterCallback
+from lightning_anomaly.criteria import _Rule
 from lightning_anomaly.engine.analyze import model_inputs
 from lightning_anomaly.engine.masking import (
     apply_channel_mask,
@@ -25,9 +27,35 @@ from lightning_anomaly.engine.masking import (
 )
 from lightning_anomaly.report import AnalysisReport
 
-__all__ = ["AnomalyPruneCallback"]
+__all__ = ["TRIGGER_CONSTRAINTS", "AnomalyPruneCallback"]
 
 TriggerFn = Callable[[list[dict[str, Any]], Trainer], bool]
+
+#: What each numeric or option setting of the automatic triggers accepts (``None`` is handled apart:
+#: ``patience=None`` picks the trigger's default, ``min_gap=None`` turns the gap condition off).
+TRIGGER_CONSTRAINTS: dict[str, _Rule] = {
+    "warmup": _Rule(int, low=0, hint="epochs of training before trigger='overfit' may fire, e.g. 3"),
+    "patience": _Rule(int, low=1, hint="e.g. 3 validations without improvement (EarlyStopping's default)"),
+    "mode": _Rule(str, choices=("max", "min"), hint="'max' for an accuracy, 'min' for a loss"),
+    "min_delta": _Rule((int, float), low=0.0, hint="the smallest change that counts as an improvement, e.g. 0.0"),
+    "min_gap": _Rule(
+        (int, float), low=0.0, hint="a train-val gap in the metric's units, e.g. 0.1 for accuracy; None turns it off"
+    ),
+}
+
+
+def _check_setting(name: str, value: Any) -> None:
+    """Raise when ``value`` breaks ``TRIGGER_CONSTRAINTS[name]``; the message names the range and a hint."""
+    rule = TRIGGER_CONSTRAINTS[name]
+    ok_type = isinstance(value, rule.kind) and not isinstance(value, bool)
+    if not ok_type:
+        raise TypeError(f"{name} must be {rule.describe()}, got {value!r} ({type(value).__name__}); {rule.hint}")
+    if rule.choices is not None:
+        if value not in rule.choices:
+            raise ValueError(f"{name} must be {rule.describe()}, got {value!r}; {rule.hint}")
+        return
+    if not math.isfinite(float(value)) or (rule.low is not None and value < rule.low):
+        raise ValueError(f"{name} must be {rule.describe()}, got {value!r}; {rule.hint}")
 
 
 def _module_name(site: str) -> str:
@@ -36,7 +64,7 @@ def _module_name(site: str) -> str:
 
 
 class AnomalyPruneCallback(Callback):
-    r"""Mask anomaly filters mid-training, triggered automatically (the paper's H3 as a lever).
+    r"""Mask anomaly filters mid-training once the model overfits (the paper's H3 as a lever).
 
     When the trigger fires at an analysed epoch, the anomaly filters of that epoch's report are
     masked (most anomalous first: CH relative to the layer's typical CH), within the limits. A masked
@@ -45,13 +73,39 @@ class AnomalyPruneCallback(Callback):
     channel's output is exactly zero in train and eval mode; optimizer state stays valid (same
     Parameter objects) and masks only grow.
 
+    The default trigger, ``"overfit"``, reads the logged metrics as
+    :class:`~lightning.pytorch.callbacks.EarlyStopping` reads its monitor. At each validation end of a
+    fit (the sanity check aside) it keeps the best ``val_metric`` (``mode``, ``min_delta``) and counts
+    the validations since it last improved. At the end of a training epoch that had a validation,
+    where Lightning has reduced the epoch's ``train_metric``, it arms, from epoch ``warmup`` on, when
+
+    * ``"val_stalled"``: ``val_metric`` has not improved for ``patience`` validations while
+      ``train_metric`` improved (by more than ``min_delta``) on its value at the best validation; or
+    * ``"gap"``: ``val_metric`` did not improve at the latest validation and the train-val gap
+      (``train_metric - val_metric``; ``val_metric - train_metric`` for ``mode="min"``) exceeds ``min_gap``.
+
+    An armed trigger prunes at the same or the next analysed epoch, with that epoch's report; a later
+    validation that meets neither condition disarms it. A prune starts the count of validations without
+    improvement again (the best value stands) and another ``warmup`` epochs, so the pruned model can
+    adapt. A model whose validation metric still improves never prunes, however wide its gap (an
+    underfitting model has one too), and a rising anomaly count never fires ``"overfit"``:
+    ``trigger="count"`` keeps that rule.
+
+    Each prune appends to :attr:`events` a dict of plain types: ``epoch``, ``global_step``, ``pruned``,
+    ``n_pruned``, ``total_pruned``, ``anomaly_count``, ``reason`` (``"val_stalled"``, ``"gap"``,
+    ``"count"``, ``"epochs"`` or ``"callable"``) and ``metrics`` (the logged ``train_metric`` and
+    ``val_metric`` when the trigger fired or armed); ``"overfit"`` adds ``armed_epoch``, ``gap``,
+    ``best_val`` and ``stalled_validations``, ``"count"`` adds ``anomaly_counts``.
+
     Checkpoints always hold plain parameter names (masks folded in, no ``*_orig``/``*_mask`` keys):
     they load strictly into a plain model of the same class. The masks themselves live in this
-    callback's state and are re-applied in ``on_fit_start`` when a fit resumes. With
-    ``make_permanent=True`` the masks are folded into the model at the end of fit.
+    callback's state, with the trigger's (best value, counters), and are re-applied in
+    ``on_fit_start`` when a fit resumes. With ``make_permanent=True`` the masks are folded into the
+    model at the end of fit.
 
     Under DDP the decision is made on rank 0 and broadcast; the report is already identical on
-    every rank, so the masks are too.
+    every rank, so the masks are too. Log the metrics with ``sync_dist=True`` for a decision on the
+    metrics of all ranks.
 
     Note:
         A masked channel's own output is zero; in a residual network an identity path added after the
@@ -61,41 +115,64 @@ class AnomalyPruneCallback(Callback):
 
         >>> from lightning_anomaly import AnomalyFilterCallback, AnomalyPruneCallback
         >>> monitor = AnomalyFilterCallback(probe_size=128)
-        >>> pruner = AnomalyPruneCallback(monitor, trigger="epochs", epochs=[5])
+        >>> pruner = AnomalyPruneCallback(monitor, train_metric="train_acc", val_metric="val_acc", warmup=3)
+        >>> pruner.patience, pruner.min_gap
+        (3, 0.1)
+        >>> by_loss = AnomalyPruneCallback(monitor, train_metric="train_loss", val_metric="val_loss", mode="min")
+        >>> at_epoch_5 = AnomalyPruneCallback(monitor, trigger="epochs", epochs=[5])
 
     Args:
         monitor: The :class:`AnomalyFilterCallback` whose reports give the flags. Add it to the Trainer
             too; one the Trainer does not hold (as LightningCLI builds a monitor configured inside this
             callback) is driven by this callback. When omitted, this callback runs its own with default
             settings.
-        trigger: ``"overfit"`` (the anomaly count rose over ``patience`` analyses in a row since the last
-            prune, or the gap ``gap_metrics[0] - gap_metrics[1]`` exceeds ``min_gap``), ``"epochs"`` (at
-            the 0-based epochs in ``epochs``), or a callable ``(history, trainer) -> bool``.
-        patience: Analyses in a row with a rising anomaly count that fire ``"overfit"``.
-        min_gap: Gap between the two ``gap_metrics`` that fires ``"overfit"`` on its own (``None``: off).
-        gap_metrics: ``(train_metric, val_metric)`` logged names, e.g. ``("train_acc", "val_acc")``.
+        trigger: ``"overfit"`` (see above), ``"count"`` (the anomaly count rose at each of the last
+            ``patience`` analyses since the last prune; reads no metrics), ``"epochs"`` (at the 0-based
+            epochs in ``epochs``), or a callable ``(history, trainer) -> bool`` asked at each analysed epoch.
+        patience: ``"overfit"``: validations without improvement of ``val_metric``; ``"count"``: analyses
+            in a row with a rising anomaly count. ``None``: 3 for ``"overfit"`` (EarlyStopping's default),
+            2 for ``"count"``.
+        warmup: Epochs of training before ``"overfit"`` may arm: from the 0-based epoch ``warmup`` on, and
+            ``warmup`` epochs after each prune. The metrics are tracked from the first validation on.
+        train_metric: Logged name of the training metric, e.g. ``"train_acc"``; log it with ``on_epoch=True``.
+        val_metric: Logged name of the validation metric, e.g. ``"val_acc"``.
+        mode: ``"max"`` when larger values of both metrics are better (accuracy), ``"min"`` when smaller
+            ones are (loss).
+        min_delta: Smallest change of either metric that counts as an improvement, as in EarlyStopping.
+        min_gap: Train-val gap, in the metrics' units, above which a validation without improvement arms
+            ``"overfit"`` at once (0.1: ten accuracy points; for a loss choose it on its scale). ``None``
+            turns the gap condition off.
+        strict: Raise when ``train_metric`` or ``val_metric`` is not logged, or the fit has no
+            validation (``trigger="overfit"``); ``False`` warns once, and the trigger waits for the metric.
         epochs: Epochs at which ``trigger="epochs"`` prunes.
         max_fraction_per_layer: Most filters of a layer ever masked, as a share (never all of them).
         max_total_fraction: Most conv filters of the model ever masked, as a share.
-        start_epoch: No pruning before this (0-based) epoch.
+        start_epoch: No pruning before this (0-based) epoch, whatever the trigger.
         max_prunes: Most prune events (``None``: unlimited).
         make_permanent: Fold the masks into the weights at the end of fit.
         prefix: Prefix of the logged tags.
         verbose: Print each prune event.
 
     Raises:
-        ValueError: A fraction outside (0, 1), an unknown trigger, ``trigger="epochs"`` without
-            epochs, ``patience < 1``.
-        TypeError: ``monitor`` is not an :class:`AnomalyFilterCallback`.
+        ValueError: A fraction outside (0, 1), an unknown trigger or ``mode``, ``trigger="epochs"`` without
+            epochs, a setting outside its range in :data:`TRIGGER_CONSTRAINTS`, ``train_metric`` equal
+            to ``val_metric``. During a fit with ``trigger="overfit"`` and ``strict=True``: a
+            ``train_metric`` or ``val_metric`` that the run does not log, or a fit without validation.
+        TypeError: ``monitor`` is not an :class:`AnomalyFilterCallback`; a setting of the wrong type.
     """
 
     def __init__(
         self,
         monitor: AnomalyFilterCallback | None = None,
-        trigger: Literal["overfit", "epochs"] | TriggerFn = "overfit",
-        patience: int = 2,
-        min_gap: float | None = None,
-        gap_metrics: tuple[str, str] = ("train_acc", "val_acc"),
+        trigger: Literal["overfit", "count", "epochs"] | TriggerFn = "overfit",
+        patience: int | None = None,
+        warmup: int = 3,
+        train_metric: str = "train_acc",
+        val_metric: str = "val_acc",
+        mode: Literal["max", "min"] = "max",
+        min_delta: float = 0.0,
+        min_gap: float | None = 0.1,
+        strict: bool = True,
         epochs: list[int] | None = None,
         max_fraction_per_layer: float = 0.1,
         max_total_fraction: float = 0.05,
@@ -114,9 +191,10 @@ class AnomalyPruneCallback(Callback):
         ):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
                 raise ValueError(f"{name} must be a fraction in (0, 1), got {value!r}; e.g. {name}=0.1")
-        if not callable(trigger) and trigger not in ("overfit", "epochs"):
+        if not callable(trigger) and trigger not in ("overfit", "count", "epochs"):
             raise ValueError(
-                f"trigger must be 'overfit', 'epochs' or a callable (history, trainer) -> bool, got {trigger!r}"
+                f"trigger must be 'overfit', 'count', 'epochs' or a callable (history, trainer) -> bool, got "
+                f"{trigger!r}; 'overfit' (the default) prunes when the validation metric stalls"
             )
         if trigger == "epochs" and not epochs:
             raise ValueError("trigger='epochs' needs epochs=[...], the 0-based epochs at which to prune")
@@ -126,20 +204,36 @@ class AnomalyPruneCallback(Callback):
                 f"epochs {early} come before start_epoch={start_epoch} and would never prune; lower start_epoch "
                 "or drop them"
             )
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"patience must be an int >= 1, got {patience!r}")
-        if min_gap is not None and not isinstance(min_gap, (int, float)):
-            raise TypeError(f"min_gap must be a number or None, got {min_gap!r}")
-        if len(gap_metrics) != 2:
-            raise ValueError(f"gap_metrics must name two metrics (train, val), got {gap_metrics!r}")
+        settings: dict[str, Any] = {"warmup": warmup, "mode": mode, "min_delta": min_delta}
+        if patience is not None:
+            settings["patience"] = patience
+        if min_gap is not None:
+            settings["min_gap"] = min_gap
+        for name, value in settings.items():
+            _check_setting(name, value)
+        for name, metric in (("train_metric", train_metric), ("val_metric", val_metric)):
+            if not isinstance(metric, str) or not metric:
+                raise TypeError(f"{name} must be a logged metric name (a non-empty str), got {metric!r}")
+        if train_metric == val_metric:
+            raise ValueError(
+                f"train_metric and val_metric must name two metrics, got {train_metric!r} for both; e.g. "
+                "train_metric='train_acc', val_metric='val_acc'"
+            )
+        if not isinstance(strict, bool):
+            raise TypeError(f"strict must be a bool, got {strict!r}")
         if max_prunes is not None and max_prunes < 1:
             raise ValueError(f"max_prunes must be >= 1 or None, got {max_prunes!r}")
         self.monitor = monitor if monitor is not None else AnomalyFilterCallback(history_file=None)
         self._owns_monitor = monitor is None
         self.trigger = trigger
-        self.patience = patience
-        self.min_gap = min_gap
-        self.gap_metrics = tuple(gap_metrics)
+        self.patience: int = patience if patience is not None else (2 if trigger == "count" else 3)
+        self.warmup = warmup
+        self.train_metric = train_metric
+        self.val_metric = val_metric
+        self.mode = mode
+        self.min_delta = float(min_delta)
+        self.min_gap = None if min_gap is None else float(min_gap)
+        self.strict = strict
         self.epochs = sorted(set(epochs or []))
         self.max_fraction_per_layer = float(max_fraction_per_layer)
         self.max_total_fraction = float(max_total_fraction)
@@ -153,8 +247,19 @@ class AnomalyPruneCallback(Callback):
         self.batchnorms: dict[str, str | None] = {}
         self.events: list[dict[str, Any]] = []
         self._last_prune_analysis = 0
-        self._checked_metrics = False
+        self._reset_overfit()
+        self._warned: set[str] = set()
         self._model: weakref.ReferenceType[LightningModule] | None = None  # the model the masks belong to
+
+    def _reset_overfit(self) -> None:
+        """Forget what ``"overfit"`` has seen: a new fit starts tracking from its first validation."""
+        self._best_val: float | None = None
+        self._train_at_best: float | None = None  # train_metric at the epoch of the best validation
+        self._stalled = 0  # validations since val_metric last improved
+        self._last_val: float | None = None
+        self._last_train: float | None = None
+        self._validated = False  # a validation ended this epoch; its train side is read at the epoch's end
+        self._armed: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------- results
     @property
@@ -180,6 +285,15 @@ class AnomalyPruneCallback(Callback):
             "batchnorms": dict(self.batchnorms),
             "events": list(self.events),
             "last_prune_analysis": self._last_prune_analysis,
+            "overfit": {
+                "best_val": self._best_val,
+                "train_at_best": self._train_at_best,
+                "stalled_validations": self._stalled,
+                "last_val": self._last_val,
+                "last_train": self._last_train,
+                "validated": self._validated,
+                "armed": None if self._armed is None else dict(self._armed),
+            },
             "monitor": self.monitor.state_dict() if self._owns_monitor else None,
         }
 
@@ -189,6 +303,15 @@ class AnomalyPruneCallback(Callback):
         self.batchnorms = dict(state_dict.get("batchnorms", {}))
         self.events = list(state_dict.get("events", []))
         self._last_prune_analysis = int(state_dict.get("last_prune_analysis", 0))
+        self._reset_overfit()
+        overfit = state_dict.get("overfit") or {}
+        self._best_val = overfit.get("best_val")
+        self._train_at_best = overfit.get("train_at_best")
+        self._stalled = int(overfit.get("stalled_validations", 0))
+        self._last_val = overfit.get("last_val")
+        self._last_train = overfit.get("last_train")
+        self._validated = bool(overfit.get("validated", False))
+        self._armed = overfit.get("armed")
         if self._owns_monitor and state_dict.get("monitor") is not None:
             self.monitor.load_state_dict(state_dict["monitor"])
 
@@ -232,6 +355,15 @@ class AnomalyPruneCallback(Callback):
             # A new fit: its own events and place in the monitor's history. Masks belong to the model
             # they were applied to: kept (and counted by the limits) when the same model is fitted again.
             self.events, self._last_prune_analysis = [], 0
+            self._reset_overfit()
+        if self.trigger == "overfit" and not trainer.enable_validation:
+            self._missing(
+                f"AnomalyPruneCallback(trigger='overfit') reads val_metric={self.val_metric!r} at each validation "
+                "end, but this fit runs no validation (no val_dataloader or validation_step, or "
+                "limit_val_batches=0), so it could never prune; add validation, or use trigger='count' or "
+                "trigger='epochs'",
+                key="no validation",
+            )
         self._model = weakref.ref(pl_module)
         if self._owns_monitor:
             self.monitor.setup(trainer, pl_module, stage)
@@ -275,11 +407,30 @@ class AnomalyPruneCallback(Callback):
             self.monitor.on_train_epoch_start(trainer, pl_module)
 
     @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # As EarlyStopping: only the fit's own validations count, not the sanity check or trainer.validate().
+        if self.trigger != "overfit" or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        value = self._read_metric(trainer, self.val_metric, "val_metric", "at each validation end")
+        if value is None:
+            return
+        if self._improves(value, self._best_val):
+            # The train side of this best is read at the epoch's end, once Lightning has reduced it.
+            self._best_val, self._train_at_best, self._stalled = value, None, 0
+        else:
+            self._stalled += 1
+        self._last_val = value
+        self._validated = True
+
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.trigger == "overfit":
+            # Read here, before the analysis: a misnamed metric fails in the first epoch, not after a probe.
+            self._update_overfit(trainer)
         report = self.monitor.analysis_for_epoch(trainer, pl_module)
         if report is None:
             return
-        decision: Any = False
+        decision: Any = None
         if trainer.is_global_zero:
             try:
                 decision = self._should_prune(trainer)
@@ -288,8 +439,7 @@ class AnomalyPruneCallback(Callback):
         decision = trainer.strategy.broadcast(decision, src=0)
         if isinstance(decision, BaseException):
             raise decision
-        fire = bool(decision)
-        event = self._prune(trainer, pl_module, report) if fire else None
+        event = self._prune(trainer, pl_module, report, decision) if decision is not None else None
         self._log(trainer, pl_module, event)
 
     @override
@@ -308,31 +458,116 @@ class AnomalyPruneCallback(Callback):
             fold_channel_masks(pl_module, self.masks, self.batchnorms)
 
     # ----------------------------------------------------------------- decisions
-    def _should_prune(self, trainer: Trainer) -> bool:
+    def _should_prune(self, trainer: Trainer) -> dict[str, Any] | None:
+        """Why to prune at this analysed epoch (``reason``, ``metrics`` and the trigger's details), or ``None``."""
         epoch = trainer.current_epoch
         if epoch < self.start_epoch or (self.max_prunes is not None and len(self.events) >= self.max_prunes):
-            return False
+            return None
         history = self.monitor.history
         if callable(self.trigger):
-            return bool(self.trigger(history, trainer))
+            fire = bool(self.trigger(history, trainer))
+            return {"reason": "callable", "metrics": self._metric_snapshot(trainer)} if fire else None
         if self.trigger == "epochs":
-            return epoch in self.epochs
-        counts = [h["anomaly_count"] for h in history[self._last_prune_analysis :]]
-        rising = len(counts) > self.patience and all(counts[-i] > counts[-i - 1] for i in range(1, self.patience + 1))
-        return rising or self._gap_exceeded(trainer)
-
-    def _gap_exceeded(self, trainer: Trainer) -> bool:
-        if self.min_gap is None:
-            return False
-        metrics = trainer.callback_metrics
-        missing = [m for m in self.gap_metrics if m not in metrics]
-        if missing:
-            raise ValueError(
-                f"AnomalyPruneCallback(min_gap=...) needs the metrics {missing}, which this run does not log; "
-                f"logged metrics are: {sorted(metrics)}. Set gap_metrics=(train_name, val_name)"
+            return {"reason": "epochs", "metrics": self._metric_snapshot(trainer)} if epoch in self.epochs else None
+        if self.trigger == "count":
+            counts = [h["anomaly_count"] for h in history[self._last_prune_analysis :]]
+            rising = len(counts) > self.patience and all(
+                counts[-i] > counts[-i - 1] for i in range(1, self.patience + 1)
             )
-        gap = float(metrics[self.gap_metrics[0]]) - float(metrics[self.gap_metrics[1]])
-        return math.isfinite(gap) and gap > self.min_gap
+            if not rising:
+                return None
+            return {
+                "reason": "count",
+                "metrics": self._metric_snapshot(trainer),
+                "anomaly_counts": [int(c) for c in counts[-self.patience - 1 :]],
+            }
+        return None if self._armed is None else dict(self._armed)
+
+    def _update_overfit(self, trainer: Trainer) -> None:
+        """Arm or disarm ``"overfit"`` after an epoch with a validation, with the epoch's train metric."""
+        if not self._validated:
+            return  # no validation this epoch (check_val_every_n_epoch > 1): the last verdict stands
+        train = self._read_metric(trainer, self.train_metric, "train_metric", "at the end of each training epoch")
+        if train is None:
+            return
+        self._validated = False
+        self._last_train = train
+        if self._train_at_best is None:
+            self._train_at_best = train
+        armed = self._overfit_reason(trainer.current_epoch, train)
+        if armed is not None and self._armed is not None:
+            armed["armed_epoch"] = self._armed["armed_epoch"]  # still armed since then
+        self._armed = armed
+
+    def _overfit_reason(self, epoch: int, train: float) -> dict[str, Any] | None:
+        """The condition that arms ``"overfit"`` now, with the values it read, or ``None``."""
+        val = self._last_val
+        # A warm-up at the start of the fit, and again after each prune: the pruned model needs time to adapt.
+        arm_from = self.warmup if not self.events else int(self.events[-1]["epoch"]) + 1 + self.warmup
+        if epoch < arm_from or val is None:
+            return None
+        gap = train - val if self.mode == "max" else val - train
+        reason = None
+        if self._stalled >= self.patience and self._improves(train, self._train_at_best):
+            reason = "val_stalled"
+        elif self.min_gap is not None and self._stalled >= 1 and gap > self.min_gap:
+            # Only with the validation metric stalled: an underfitting model has a gap too, and improves.
+            reason = "gap"
+        if reason is None:
+            return None
+        return {
+            "reason": reason,
+            "metrics": {self.train_metric: train, self.val_metric: val},
+            "armed_epoch": int(epoch),
+            "gap": gap,
+            "best_val": self._best_val,
+            "stalled_validations": self._stalled,
+        }
+
+    def _improves(self, value: float, reference: float | None) -> bool:
+        """Whether ``value`` beats ``reference`` by more than ``min_delta`` in ``mode`` (``None``: anything does)."""
+        if reference is None:
+            return True
+        if self.mode == "max":
+            return value > reference + self.min_delta
+        return value < reference - self.min_delta
+
+    def _read_metric(self, trainer: Trainer, name: str, argument: str, when: str) -> float | None:
+        """The finite value of a logged scalar metric; ``None`` (after a warning or an error) otherwise."""
+        metrics = trainer.callback_metrics
+        if name not in metrics:
+            ours = (self.prefix, self.monitor.prefix)
+            logged = sorted(m for m in metrics if not m.startswith(ours))
+            self._missing(
+                f"AnomalyPruneCallback(trigger='overfit') reads {argument}={name!r} from trainer.callback_metrics "
+                f"{when}, but the run does not log it; logged metrics are: {logged}. Set {argument}= to "
+                f"one of them (log it with self.log(..., on_epoch=True)), or strict=False to wait for it",
+                key=argument,
+            )
+            return None
+        value = float(metrics[name])
+        if not math.isfinite(value):
+            if f"{argument} not finite" not in self._warned:
+                self._warned.add(f"{argument} not finite")
+                rank_zero_warn(
+                    f"AnomalyPruneCallback: {argument}={name!r} is {value} at epoch {trainer.current_epoch}; "
+                    "non-finite values are skipped by trigger='overfit'"
+                )
+            return None
+        return value
+
+    def _missing(self, message: str, key: str) -> None:
+        """Raise ``message`` (``strict``), or warn it once per ``key``."""
+        if self.strict:
+            raise ValueError(message)
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
+
+    def _metric_snapshot(self, trainer: Trainer) -> dict[str, float]:
+        """The logged ``train_metric`` and ``val_metric`` now (those that are logged)."""
+        metrics = trainer.callback_metrics
+        return {n: float(metrics[n]) for n in (self.train_metric, self.val_metric) if n in metrics}
 
     def select_filters(self, report: AnalysisReport, pl_module: LightningModule) -> dict[str, list[int]]:
         """Filters to mask now: anomaly filters, most anomalous first, within the limits.
@@ -368,7 +603,9 @@ class AnomalyPruneCallback(Callback):
             budget -= 1
         return {n: sorted(cs) for n, cs in chosen.items() if cs}
 
-    def _prune(self, trainer: Trainer, pl_module: LightningModule, report: AnalysisReport) -> dict[str, Any] | None:
+    def _prune(
+        self, trainer: Trainer, pl_module: LightningModule, report: AnalysisReport, why: dict[str, Any]
+    ) -> dict[str, Any] | None:
         chosen = self.select_filters(report, pl_module)
         if not chosen:
             return None
@@ -395,15 +632,19 @@ class AnomalyPruneCallback(Callback):
             "n_pruned": sum(len(c) for c in chosen.values()),
             "total_pruned": self.n_pruned,
             "anomaly_count": report.anomaly_count,
+            **why,
         }
         self.events.append(event)
+        if why["reason"] in ("val_stalled", "gap"):
+            # A new stall must build up after this prune; the best validation value still stands.
+            self._armed, self._stalled, self._train_at_best = None, 0, self._last_train
         history = self.monitor.history
         if history and history[-1]["epoch"] == event["epoch"]:
             history[-1]["prune_event"] = event  # the report marks prune events from the history
         if self.verbose:
             rank_zero_info(
-                f"[prune] epoch {event['epoch']}: masked {event['n_pruned']} filters ({event['total_pruned']} in all): "
-                + ", ".join(f"{n}{c}" for n, c in chosen.items())
+                f"[prune] epoch {event['epoch']} ({event['reason']}): masked {event['n_pruned']} filters "
+                f"({event['total_pruned']} in all): " + ", ".join(f"{n}{c}" for n, c in chosen.items())
             )
         return event
 
@@ -419,7 +660,7 @@ class AnomalyPruneCallback(Callback):
         for key, value in values.items():
             pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=trainer.world_size > 1, reduce_fx="max")
         if event is not None and trainer.is_global_zero:
-            text = f"epoch {event['epoch']}: masked {event['n_pruned']} filters: " + "; ".join(
+            text = f"epoch {event['epoch']} ({event['reason']}): masked {event['n_pruned']} filters: " + "; ".join(
                 f"{n} {c}" for n, c in event["pruned"].items()
             )
             for lg in trainer.loggers:

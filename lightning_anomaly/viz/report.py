@@ -237,19 +237,18 @@ def _scatter(plt: Any, last: dict[str, Any], probe: dict[str, Any] | None = None
     if not picks:
         return None
     picks.sort(key=lambda t: (not t[0], -t[1]))
-    picks = [(t[1], *t[2:]) for t in picks]
-    picks = picks[:most]
+    chosen = [(t[1], t[2], t[3], t[4]) for t in picks[:most]]
     shown = 4 if probe is not None else 0  # images of the tiny cluster beside each scatter
     fig, axes = plt.subplots(
-        len(picks),
+        len(chosen),
         1 + shown,
-        figsize=(2.6 + 1.2 * shown, 2.3 * len(picks)),
+        figsize=(2.6 + 1.2 * shown, 2.3 * len(chosen)),
         squeeze=False,
         gridspec_kw={"width_ratios": [2.2] + [1] * shown},
     )
     for ax in axes.flat:
         ax.axis("off")
-    for row, (ratio, layer, j, f) in zip(axes, picks, strict=False):
+    for row, (ratio, layer, j, f) in zip(axes, chosen, strict=False):
         ax = row[0]
         pts = torch.tensor(layer["points"][j], dtype=torch.float32)
         labels = torch.tensor(layer["point_labels"][j], dtype=torch.long)

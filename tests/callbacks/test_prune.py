@@ -45,6 +45,7 @@ def test_prunes_flagged_filters_to_exact_zero_within_limits(tmp_path):
     monitor, pruner = make()
     _, model = run(tmp_path, [monitor, pruner])
     assert len(pruner.events) == 1 and pruner.events[0]["epoch"] == 1
+    assert pruner.events[0]["reason"] == "epochs" and set(pruner.events[0]["metrics"]) == {"train_acc", "val_acc"}
     assert pruner.n_pruned > 0
     # The monitor's history marks the prune, so reports and the JSON history show it.
     assert [h.get("prune_event", {}).get("epoch") for h in monitor.history] == [None, 1, None]
@@ -115,19 +116,7 @@ def test_callable_trigger_and_own_monitor(tmp_path):
     pruner.monitor.probe_size = 32
     run(tmp_path, [pruner])
     assert calls == [1, 2, 3]
-    assert [e["epoch"] for e in pruner.events] == [2]
-
-
-def test_overfit_trigger_needs_logged_metrics(tmp_path):
-    monitor, pruner = make(trigger="overfit", min_gap=0.1, gap_metrics=("train_accuracy", "val_acc"))
-    with pytest.raises(ValueError, match=r"needs the metrics \['train_accuracy'\].*logged metrics are: .*'train_acc'"):
-        run(tmp_path, [monitor, pruner])
-
-
-def test_overfit_trigger_fires_on_a_gap(tmp_path):
-    monitor, pruner = make(trigger="overfit", min_gap=-1.0, max_prunes=1)
-    run(tmp_path, [monitor, pruner])
-    assert [e["epoch"] for e in pruner.events] == [1]  # start_epoch=1, at most one prune
+    assert [(e["epoch"], e["reason"]) for e in pruner.events] == [(2, "callable")]
 
 
 def test_constructor_errors():
@@ -139,7 +128,7 @@ def test_constructor_errors():
         AnomalyPruneCallback(trigger="epochs")
     with pytest.raises(ValueError, match=r"epochs \[0\] come before start_epoch=1 and would never prune"):
         AnomalyPruneCallback(trigger="epochs", epochs=[0, 2])
-    with pytest.raises(ValueError, match="trigger must be"):
+    with pytest.raises(ValueError, match="trigger must be 'overfit', 'count', 'epochs' or a callable"):
         AnomalyPruneCallback(trigger="sometimes")
     with pytest.raises(TypeError, match="monitor must be an AnomalyFilterCallback"):
         AnomalyPruneCallback(monitor=object())
