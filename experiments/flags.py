@@ -274,7 +274,7 @@ def render(result: dict[str, Any]) -> str:
         f"SmallCNN trained {cfg['epochs']} epochs per run, {cfg['seeds']} seeds, a uniform probe of {cfg['probe']} training "
         "samples with their (possibly planted) labels. Primary column: precision@k of `top_outliers(k)`, k = planted "
         "samples in the probe (mean over seeds). `global PCA`: `class_conditional=False` (class detectors removed by "
-        "the class-selective rule only); `no targets`: `analyze` without labels (label-free bound). Baselines are "
+        "the class-selective rule only; `-` unless run with `--compare`); `no targets`: `analyze` without labels (label-free bound). Baselines are "
         "precision@k of their own rankings: per-sample loss, EL2N, GraNd, Activation Clustering (AC) and Spectral "
         "Signatures (SS) on the penultimate activations, per class. Base rate: the planted share of the probe. "
         "`set P/R`: precision and recall of the outlier set (members of anomaly filters' tiny clusters) at its own "

@@ -447,7 +447,15 @@ def write_markdown(results, summary, out: Path, figures: list[str], command: str
         ],
     )
     lines += ["", *targets(summary), ""]
-    (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    target = out / "RESULTS.md"
+    # Keep the cross-run section that experiments/overfit_signal.py writes into this file.
+    kept = ""
+    if target.exists():
+        old = target.read_text()
+        begin, end = "<!-- cross-run: experiments/overfit_signal.py -->", "<!-- /cross-run -->"
+        if begin in old and end in old:
+            kept = "\n" + begin + old.split(begin, 1)[1].split(end, 1)[0] + end + "\n"
+    target.write_text("\n".join(lines) + "\n" + kept)
 
 
 def targets(summary: dict[str, Any]) -> list[str]:
