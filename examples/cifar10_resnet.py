@@ -40,7 +40,7 @@ def main() -> None:
     monitor = AnomalyFilterCallback(
         probe_size=256, every_n_epochs=2, criteria=AnomalyCriteria(min_cluster_fraction=0.1)
     )
-    pruner = AnomalyPruneCallback(monitor, trigger="overfit", min_gap=0.15, patience=2)
+    pruner = AnomalyPruneCallback(monitor, trigger="overfit", min_gap=0.15)  # waits for val_acc to stall
     trainer = Trainer(
         max_epochs=args.epochs, callbacks=[monitor, pruner], logger=TensorBoardLogger("runs", name="cifar10")
     )

@@ -28,7 +28,7 @@ def main() -> None:
     monitor = AnomalyFilterCallback(probe_size=256, criteria=AnomalyCriteria(min_cluster_fraction=0.1), verbose=True)
     callbacks = [monitor]
     if args.prune:
-        callbacks.append(AnomalyPruneCallback(monitor, trigger="overfit", patience=2, verbose=True))
+        callbacks.append(AnomalyPruneCallback(monitor, trigger="overfit", verbose=True))
     trainer = Trainer(max_epochs=args.epochs, callbacks=callbacks, logger=TensorBoardLogger("runs", name="example"))
     trainer.fit(ImageClassifier(SmallCNN()), train, val)
 

@@ -95,7 +95,8 @@ def run_demo(
 
     Args:
         epochs: Training epochs.
-        prune: Add :class:`AnomalyPruneCallback` (trigger ``"overfit"``).
+        prune: Add :class:`AnomalyPruneCallback` (trigger ``"overfit"``: it prunes only once the
+            validation accuracy stalls while the training accuracy still climbs).
         out: Parent directory of the run; the run goes to ``<out>/<timestamp>/``.
         seed: Seed of the data split, the planted backdoor, the model and the probe.
         device: ``"cpu"``, ``"gpu"``/``"cuda"`` or ``"auto"``.
@@ -117,9 +118,8 @@ def run_demo(
     callbacks: list[Callback] = [monitor, table]
     if prune:
         callbacks.append(
-            AnomalyPruneCallback(
-                monitor, trigger="overfit", patience=2, max_fraction_per_layer=0.2, max_total_fraction=0.1
-            )
+            # Prunes only once val_acc stalls while train_acc still climbs (after a 3-epoch warm-up).
+            AnomalyPruneCallback(monitor, trigger="overfit", max_fraction_per_layer=0.2, max_total_fraction=0.1)
         )
     accelerator = {"cuda": "gpu"}.get(device, device)
     trainer = Trainer(
