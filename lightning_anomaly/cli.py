@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--out", default=None)
     report.add_argument("--format", choices=("html", "png"), default="html")
     report.add_argument(
-        "--epochs", default=None, help="comma-separated 0-based epochs (Lightning's current_epoch) for the CH histograms, e.g. 0,5,14"
+        "--epochs",
+        default=None,
+        help="comma-separated 0-based epochs (Lightning's current_epoch) for the CH histograms, e.g. 0,5,14",
     )
     report.set_defaults(func=_report)
     args = parser.parse_args(argv)

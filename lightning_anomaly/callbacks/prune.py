@@ -427,7 +427,13 @@ class AnomalyPruneCallback(Callback):
         if self.trigger == "overfit":
             # Read here, before the analysis: a misnamed metric fails in the first epoch, not after a probe.
             self._update_overfit(trainer)
-        report = self.monitor.analysis_for_epoch(trainer, pl_module)
+        # A trigger that is due needs this epoch's report even when the monitor's max_overhead budget
+        # would skip it; rank 0's view decides, so every rank makes the same call.
+        due = (self.trigger == "overfit" and self._armed is not None) or (
+            self.trigger == "epochs" and trainer.current_epoch in set(self.epochs or ())
+        )
+        force = bool(trainer.strategy.broadcast(due, src=0))
+        report = self.monitor.analysis_for_epoch(trainer, pl_module, force=force)
         if report is None:
             return
         decision: Any = None

@@ -219,3 +219,43 @@ def test_errors_name_the_fix(tmp_path):
 
     with pytest.raises(ValueError, match=r"map-style training dataset.*pass probe=\(inputs, targets\)"):
         fit(tmp_path, [AnomalyFilterCallback(probe_size=24)], model=Streaming())
+
+
+def test_top_outliers_are_dataset_indices(tmp_path):
+    from tests.helpers import LENIENT
+
+    monitor = AnomalyFilterCallback(probe_size=30, criteria=AnomalyCriteria(**LENIENT))
+    with pytest.raises(RuntimeError, match="none has run yet"):
+        monitor.top_outliers()
+    fit(tmp_path, [monitor], max_epochs=1, model=Net(width=16))
+    positions = monitor.last_report.top_outliers(5)
+    indices = monitor.top_outliers(5)
+    assert indices and indices != positions  # something singled out, and the probe is not the dataset's head
+    assert indices == [monitor.probe_indices[i] for i in positions]
+    data = make_data()
+    assert all(0 <= i < len(data) for i in indices)
+    assert torch.equal(data.tensors[0][indices], monitor.probe[0][positions])  # the very samples
+    h = monitor.history[-1]
+    assert h["top_outlier_dataset_indices"] == [monitor.probe_indices[i] for i in h["top_outliers"]]
+    assert h["top_outlier_dataset_indices"][:5] == indices
+    with pytest.raises(ValueError, match="k must be >= 1, got 0"):
+        monitor.top_outliers(0)
+
+
+def test_top_outliers_of_an_explicit_probe_are_its_positions(tmp_path):
+    from tests.helpers import LENIENT
+
+    monitor = AnomalyFilterCallback(probe=make_data(40, seed=9).tensors, criteria=AnomalyCriteria(**LENIENT))
+    fit(tmp_path, [monitor], max_epochs=1, model=Net(width=16))
+    assert monitor.top_outliers(5) == monitor.last_report.top_outliers(5) != []
+    assert monitor.history[-1]["top_outlier_dataset_indices"] is None
+
+
+def test_probe_larger_than_the_dataset_warns(tmp_path):
+    monitor = AnomalyFilterCallback(probe_size=200)
+    with pytest.warns(
+        UserWarning,
+        match=r"probe_size=200 asks for more samples than the training dataset has \(96\); the probe uses all",
+    ):
+        fit(tmp_path, [monitor], max_epochs=1)
+    assert monitor.probe_indices == list(range(96))

@@ -54,7 +54,10 @@ def test_planted_anomaly_filter_and_its_samples_are_found():
     # The trigger group stands far from the rest; the other filters' smallest clusters do not.
     assert layer.separation[7] > 10 and (layer.separation[:7] < 5).all()
     # The anomaly filter's points and labels are kept for plots; its tiny cluster is the triggered samples.
-    assert layer.point_filters.tolist() == [7] and layer.points.shape == (1, 64, 2)
+    # Anomaly filters come first, then other filters that score samples (by separation).
+    kept = layer.point_filters.tolist()
+    assert kept[0] == 7 and layer.points.shape == (len(kept), 64, 2)
+    assert layer.separation[kept[1:]].tolist() == sorted(layer.separation[kept[1:]].tolist(), reverse=True)
     tiny = torch.bincount(layer.point_labels[0].long()).argmin()
     assert (layer.point_labels[0] == tiny).nonzero().flatten().tolist() == [0, 1, 2, 3]
 
