@@ -1,11 +1,16 @@
 """Anomaly pruning vs no pruning vs Lightning's ModelPruning (L1, structured), same number of filters.
 
 Ground truths from the evidence experiments (digits, SmallCNN): G1 (20% label noise) and G2 (backdoor
-in 3% of the training images). Both pruning arms act once, at `--prune-epoch`; ModelPruning masks the
-same share of every conv layer's filters as the anomaly arm masked in total. Prints per-seed rows, then
-one JSON line with means: final validation accuracy and, for G2, attack success rate.
+in 3% of the training images) on the whole training split, where the train-val gap stays small; and
+the same two on 200 training images with 40% label noise / a 5% backdoor ("gap" cases), where the gap
+reaches 0.2-0.4. In the first two, the anomaly arm prunes once at `--prune-epoch` (trigger "epochs");
+in the gap cases the arm uses the package defaults (trigger "overfit": it prunes only once val_acc
+stalls while train_acc climbs, or never). ModelPruning masks the same share of every conv layer's
+filters as the anomaly arm masked in total, at the same epoch (the anomaly arm's first prune; none
+when it never pruned). Prints per-seed rows, then one JSON line with means: final validation
+accuracy, train-val gap and, for backdoors, attack success rate.
 
-    python benchmarks/bench_prune.py [--seeds 3] [--epochs 15] [--prune-epoch 5]
+    python benchmarks/bench_prune.py [--seeds 3] [--epochs 15] [--prune-epoch 5] [--cases gap]
 """
 
 from __future__ import annotations
@@ -24,20 +29,34 @@ from lightning_anomaly import AnomalyCriteria, AnomalyFilterCallback, AnomalyPru
 from lightning_anomaly.demo import ImageClassifier, SmallCNN, digits_tensors
 from lightning_anomaly.demo.data import stamp_trigger
 
-CASES = {"G1 label noise": {"label_noise": 0.2}, "G2 backdoor": {"backdoor": 0.03}}
+CASES = {
+    "G1 label noise": {"label_noise": 0.2},
+    "G2 backdoor": {"backdoor": 0.03},
+    "gap: 200 images, 40% label noise": {"label_noise": 0.4, "train_size": 200},
+    "gap: 200 images, 5% backdoor": {"backdoor": 0.05, "train_size": 200},
+}
 
 
-def fit(arm: str, data: dict, seed: int, epochs: int, prune_epoch: int, amount: float | None):
+def fit(arm: str, data: dict, seed: int, epochs: int, prune_epoch: int | None, amount: float | None):
     seed_everything(seed, verbose=False)
+    data = dict(data)
+    size = data.pop("train_size", None)
     xtr, ytr, xva, yva, _ = digits_tensors(seed=seed, **data)
+    if size is not None:
+        keep = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(seed))[:size]
+        xtr, ytr = xtr[keep], ytr[keep]
     model = ImageClassifier(SmallCNN())
     callbacks = []
     pruner = None
     if arm == "anomaly":
-        monitor = AnomalyFilterCallback(probe_size=256, seed=seed, criteria=AnomalyCriteria(min_cluster_fraction=0.1))
+        monitor = AnomalyFilterCallback(probe_size=256, seed=seed, criteria=AnomalyCriteria())
         pruner = AnomalyPruneCallback(
             monitor, trigger="epochs", epochs=[prune_epoch], max_fraction_per_layer=0.2, max_total_fraction=0.1
         )
+        callbacks = [monitor, pruner]
+    elif arm == "overfit":
+        monitor = AnomalyFilterCallback(probe_size=256, seed=seed)
+        pruner = AnomalyPruneCallback(monitor)  # the defaults: trigger "overfit"
         callbacks = [monitor, pruner]
     elif arm == "modelpruning":
         convs = [(m, "weight") for m in model.modules() if isinstance(m, nn.Conv2d)]
@@ -48,7 +67,7 @@ def fit(arm: str, data: dict, seed: int, epochs: int, prune_epoch: int, amount: 
                 amount=amount or 0.0,
                 pruning_dim=0,
                 pruning_norm=1,
-                apply_pruning=lambda epoch: epoch == prune_epoch,
+                apply_pruning=lambda epoch: prune_epoch is not None and epoch == prune_epoch,
                 use_global_unstructured=False,
                 make_pruning_permanent=True,
                 verbose=0,
@@ -72,10 +91,20 @@ def fit(arm: str, data: dict, seed: int, epochs: int, prune_epoch: int, amount: 
     model.eval()
     with torch.no_grad():
         val = float((model(xva).argmax(-1) == yva).float().mean())
+        train = float((model(xtr).argmax(-1) == ytr).float().mean())
         asr = float((model(stamp_trigger(xva[yva != 0])).argmax(-1) == 0).float().mean())
     total = sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
     share = (pruner.n_pruned / total) if pruner is not None else None
-    return {"val_acc": val, "asr": asr, "pruned_share": share}
+    first = pruner.events[0]["epoch"] if pruner is not None and pruner.events else None
+    reason = pruner.events[0].get("reason") if pruner is not None and pruner.events else None
+    return {
+        "val_acc": val,
+        "gap": train - val,
+        "asr": asr,
+        "pruned_share": share,
+        "prune_epoch": first,
+        "reason": reason,
+    }
 
 
 def main() -> None:
@@ -83,22 +112,30 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--prune-epoch", type=int, default=5)
+    p.add_argument("--cases", choices=("all", "gap", "whole"), default="all", help="gap: only the small noisy sets")
     args = p.parse_args()
     out: dict = {}
     for case, data in CASES.items():
-        rows = {"none": [], "anomaly": [], "modelpruning": []}
+        gap_case = "train_size" in data
+        if (args.cases == "gap" and not gap_case) or (args.cases == "whole" and gap_case):
+            continue
+        arm = "overfit" if gap_case else "anomaly"
+        rows: dict[str, list] = {"none": [], arm: [], "modelpruning": []}
         for seed in range(args.seeds):
-            rows["none"].append(fit("none", data, seed, args.epochs, args.prune_epoch, None))
-            anomaly = fit("anomaly", data, seed, args.epochs, args.prune_epoch, None)
-            rows["anomaly"].append(anomaly)
+            rows["none"].append(fit("none", data, seed, args.epochs, None, None))
+            pruned = fit(arm, data, seed, args.epochs, args.prune_epoch, None)
+            rows[arm].append(pruned)
             rows["modelpruning"].append(
-                fit("modelpruning", data, seed, args.epochs, args.prune_epoch, anomaly["pruned_share"])
+                fit("modelpruning", data, seed, args.epochs, pruned["prune_epoch"], pruned["pruned_share"])
             )
             print(case, seed, {k: v[-1] for k, v in rows.items()}, flush=True)
         out[case] = {
-            arm: {key: float(np.mean([r[key] for r in rs])) for key in ("val_acc", "asr")} for arm, rs in rows.items()
+            a: {key: float(np.mean([r[key] for r in rs])) for key in ("val_acc", "gap", "asr")}
+            for a, rs in rows.items()
         }
-        out[case]["pruned_share"] = float(np.mean([r["pruned_share"] for r in rows["anomaly"]]))
+        out[case]["prune_epochs"] = [r["prune_epoch"] for r in rows[arm]]
+        out[case]["reasons"] = [r["reason"] for r in rows[arm]]
+        out[case]["pruned_share"] = float(np.mean([r["pruned_share"] for r in rows[arm]]))
     print(json.dumps(out))
 
 
