@@ -260,6 +260,7 @@ class AnomalyPruneCallback(Callback):
         self._last_train: float | None = None
         self._validated = False  # a validation ended this epoch; its train side is read at the epoch's end
         self._armed: dict[str, Any] | None = None
+        self._snapshot: dict[str, float] = {}
 
     # ----------------------------------------------------------------- results
     @property
@@ -436,6 +437,9 @@ class AnomalyPruneCallback(Callback):
         report = self.monitor.analysis_for_epoch(trainer, pl_module, force=force)
         if report is None:
             return
+        # Read on every rank: metrics logged with sync_dist are reduced on first read, a collective that
+        # hangs when only rank 0 makes it.
+        self._snapshot = self._metric_snapshot(trainer)
         decision: Any = None
         if trainer.is_global_zero:
             try:
@@ -472,9 +476,9 @@ class AnomalyPruneCallback(Callback):
         history = self.monitor.history
         if callable(self.trigger):
             fire = bool(self.trigger(history, trainer))
-            return {"reason": "callable", "metrics": self._metric_snapshot(trainer)} if fire else None
+            return {"reason": "callable", "metrics": dict(self._snapshot)} if fire else None
         if self.trigger == "epochs":
-            return {"reason": "epochs", "metrics": self._metric_snapshot(trainer)} if epoch in self.epochs else None
+            return {"reason": "epochs", "metrics": dict(self._snapshot)} if epoch in self.epochs else None
         if self.trigger == "count":
             counts = [h["anomaly_count"] for h in history[self._last_prune_analysis :]]
             rising = len(counts) > self.patience and all(
@@ -484,7 +488,7 @@ class AnomalyPruneCallback(Callback):
                 return None
             return {
                 "reason": "count",
-                "metrics": self._metric_snapshot(trainer),
+                "metrics": dict(self._snapshot),
                 "anomaly_counts": [int(c) for c in counts[-self.patience - 1 :]],
             }
         return None if self._armed is None else dict(self._armed)

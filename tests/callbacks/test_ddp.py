@@ -83,7 +83,7 @@ def test_split_analysis_equals_single_process(tmp_path):
 
         data = make_data()
         x, y = data.tensors[0][ranks[0]["probe_indices"]], data.tensors[1][ranks[0]["probe_indices"]]
-    single = analyze(model, x, criteria=monitor.criteria, seed=monitor.seed)
+    single = analyze(model, x, criteria=monitor.criteria, seed=monitor.seed, classes=y)  # the callback passes labels
     for name, layer in single.layers.items():
         assert ranks[0]["report"][name]["k"] == layer.k.tolist()
         assert ranks[0]["report"][name]["anomaly"] == layer.anomaly.tolist()
