@@ -45,6 +45,9 @@ def fit(arm: str, data: dict, seed: int, epochs: int, prune_epoch: int | None, a
     if size is not None:
         keep = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(seed))[:size]
         xtr, ytr = xtr[keep], ytr[keep]
+    # A small set repeated (the probe may then hold a sample twice) so that an epoch holds ~1,260 samples' worth of steps, as the whole split
+    # does: with 4 steps an epoch the model stays underfitted and no gap opens.
+    reps = max(1, round(1260 / len(ytr)))
     model = ImageClassifier(SmallCNN())
     callbacks = []
     pruner = None
@@ -85,7 +88,7 @@ def fit(arm: str, data: dict, seed: int, epochs: int, prune_epoch: int | None, a
     )
     trainer.fit(
         model,
-        DataLoader(TensorDataset(xtr, ytr), batch_size=64, shuffle=True),
+        DataLoader(TensorDataset(xtr.repeat(reps, 1, 1, 1), ytr.repeat(reps)), batch_size=64, shuffle=True),
         DataLoader(TensorDataset(xva, yva), batch_size=512),
     )
     model.eval()
