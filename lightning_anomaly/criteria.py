@@ -81,8 +81,12 @@ CONSTRAINTS: dict[str, _Rule] = {
 }
 
 
-def _check(name: str, value: Any) -> None:
-    rule = CONSTRAINTS[name]
+def check_setting(name: str, value: Any, table: dict[str, _Rule] | None = None) -> None:
+    """Raise a ``TypeError``/``ValueError`` naming the range and a hint when ``value`` breaks ``table[name]``.
+
+    ``table`` is :data:`CONSTRAINTS` by default; the pruning callback passes its own.
+    """
+    rule = (CONSTRAINTS if table is None else table)[name]
     ok_type = isinstance(value, rule.kind) and not isinstance(value, bool)
     if not ok_type:
         raise TypeError(f"{name} must be {rule.describe()}, got {value!r} ({type(value).__name__}); {rule.hint}")
@@ -175,7 +179,7 @@ class AnomalyCriteria:
 
     def __post_init__(self) -> None:
         for name in CONSTRAINTS:
-            _check(name, getattr(self, name))
+            check_setting(name, getattr(self, name))
         if not isinstance(self.class_conditional, bool):
             raise TypeError(f"class_conditional must be a bool, got {self.class_conditional!r}")
         k = self.k_range

@@ -201,7 +201,7 @@ class ScriptedMonitor(AnomalyFilterCallback):
         super().__init__(probe_size=32, every_n_epochs=every_n_epochs, history_file=None)
         self.counts = list(counts or [])
 
-    def analysis_for_epoch(self, trainer, pl_module):
+    def analysis_for_epoch(self, trainer, pl_module, force=False):
         epoch = trainer.current_epoch
         if trainer.sanity_checking or (epoch + 1) % self.every_n_epochs:
             return None

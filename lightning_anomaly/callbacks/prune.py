@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_anomaly.callbacks.monitor import AnomalyFilterCallback
-from lightning_anomaly.criteria import _Rule
+from lightning_anomaly.criteria import _Rule, check_setting
 from lightning_anomaly.engine.analyze import model_inputs
 from lightning_anomaly.engine.masking import (
     apply_channel_mask,
@@ -45,17 +45,7 @@ TRIGGER_CONSTRAINTS: dict[str, _Rule] = {
 
 
 def _check_setting(name: str, value: Any) -> None:
-    """Raise when ``value`` breaks ``TRIGGER_CONSTRAINTS[name]``; the message names the range and a hint."""
-    rule = TRIGGER_CONSTRAINTS[name]
-    ok_type = isinstance(value, rule.kind) and not isinstance(value, bool)
-    if not ok_type:
-        raise TypeError(f"{name} must be {rule.describe()}, got {value!r} ({type(value).__name__}); {rule.hint}")
-    if rule.choices is not None:
-        if value not in rule.choices:
-            raise ValueError(f"{name} must be {rule.describe()}, got {value!r}; {rule.hint}")
-        return
-    if not math.isfinite(float(value)) or (rule.low is not None and value < rule.low):
-        raise ValueError(f"{name} must be {rule.describe()}, got {value!r}; {rule.hint}")
+    check_setting(name, value, TRIGGER_CONSTRAINTS)
 
 
 def _module_name(site: str) -> str:

@@ -67,6 +67,8 @@ trainer:
                 min_cluster_size: 8
                 ch_ratio: 0.5
                 activation_ratio: 0.5
+                min_separation: 0.0
+                class_conditional: false
 model:
   width: 16
 """
