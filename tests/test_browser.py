@@ -49,6 +49,13 @@ def test_report_renders_in_chromium(tmp_path):
     loaded = re.search(r'data-images-loaded="(\d+)"', dom.stdout)
     assert images and loaded, dom.stderr[-2000:]
     assert int(images.group(1)) >= 4 and loaded.group(1) == images.group(1)
+    # The gallery: the top outliers' images, captioned with dataset indices that are the history's.
+    import json
+
+    history = json.loads((run_dir / "anomaly_history.json").read_text())["history"]
+    captions = re.findall(r'<figure class="sample"><img[^>]*><figcaption>#(\d+) y=\d+</figcaption>', dom.stdout)
+    assert captions, "the report shows no sample gallery"
+    assert [int(c) for c in captions] == history[-1]["top_outlier_dataset_indices"][: len(captions)]
     console_errors = [
         line for line in dom.stderr.splitlines() if "CONSOLE" in line and ("Error" in line or "Uncaught" in line)
     ]

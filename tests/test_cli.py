@@ -15,10 +15,21 @@ def demo_run(tmp_path_factory):
     return run_dir
 
 
-def test_demo_writes_events_history_and_probe(demo_run, capsys):
+def test_demo_writes_events_history_and_thumbnails(demo_run, capsys):
+    import json
+
+    import torch
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    assert (demo_run / "anomaly_history.json").exists() and (demo_run / "anomaly_probe.pt").exists()
+    assert (demo_run / "anomaly_history.json").exists() and not (demo_run / "anomaly_probe.pt").exists()
+    # Without save_probe: small uint8 thumbnails of the samples the report shows, with their dataset indices.
+    thumbs = torch.load(demo_run / "anomaly_thumbnails.pt", weights_only=True)
+    last = json.loads((demo_run / "anomaly_history.json").read_text())["history"][-1]
+    assert set(last["top_outliers"][:16]) <= set(thumbs["positions"])
+    assert thumbs["images"].dtype == torch.uint8 and thumbs["images"].shape[0] == len(thumbs["positions"])
+    by_position = dict(zip(thumbs["positions"], thumbs["indices"], strict=True))
+    assert [by_position[p] for p in last["top_outliers"][:5]] == last["top_outlier_dataset_indices"][:5]
+    assert (demo_run / "anomaly_thumbnails.pt").stat().st_size < 400_000
     acc = EventAccumulator(str(demo_run))
     acc.Reload()
     assert len(acc.Scalars("anomaly/count")) == 2
@@ -114,16 +125,16 @@ def test_report_from_a_checkpoint(tmp_path):
     assert page.count("data:image/png;base64,") >= 2 and "<td>1</td>" in page  # 0-based epochs
 
 
-def test_report_with_one_hot_targets_in_the_saved_probe(demo_run, tmp_path):
+def test_report_with_one_hot_targets_in_the_saved_samples(demo_run, tmp_path):
     import shutil
 
     import torch
 
     run = tmp_path / "run"
     shutil.copytree(demo_run, run)
-    (probe_file,) = run.rglob("anomaly_probe.pt")
-    probe = torch.load(probe_file, weights_only=True)
-    probe["targets"] = torch.nn.functional.one_hot(probe["targets"].long(), 10).float()
-    torch.save(probe, probe_file)
+    (thumb_file,) = run.rglob("anomaly_thumbnails.pt")
+    thumbs = torch.load(thumb_file, weights_only=True)
+    thumbs["targets"] = torch.nn.functional.one_hot(thumbs["targets"].long(), 10).float()
+    torch.save(thumbs, thumb_file)
     assert main(["report", str(run), "--format", "png", "--out", str(tmp_path / "png")]) == 0
     assert list((tmp_path / "png").glob("*.png"))

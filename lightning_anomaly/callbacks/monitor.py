@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_anomaly.artifacts import HISTORY_FILE, PROBE_FILE, THUMBNAILS_FILE, shown_samples, thumbnail_document
 from lightning_anomaly.criteria import AnomalyCriteria
 from lightning_anomaly.engine.analyze import analyze, model_inputs
 from lightning_anomaly.engine.capture import hooked_forward, named_exactly, select_layers
@@ -35,8 +36,6 @@ from lightning_anomaly.report import AnalysisReport, merge_reports
 
 __all__ = ["AnomalyFilterCallback"]
 
-HISTORY_FILE = "anomaly_history.json"
-PROBE_FILE = "anomaly_probe.pt"
 DEFAULT_MAX_OVERHEAD: float | None = None
 
 
@@ -153,8 +152,10 @@ class AnomalyFilterCallback(Callback):
         history_file: File name of the JSON history in the log directory; ``None`` disables it.
         distribute: Under DDP, split the layers (and the gradient-norm samples) across ranks and
             gather the parts; otherwise rank 0 analyses alone and broadcasts.
-        save_probe: Also save the probe (inputs, targets, dataset indices) as ``anomaly_probe.pt`` next
-            to the history, so the report can show the outlier samples (skipped above 64 MB).
+        save_probe: Also save the whole probe (inputs, targets, dataset indices) as ``anomaly_probe.pt``
+            next to the history (skipped above 64 MB). Without it, each analysis writes
+            ``anomaly_thumbnails.pt`` instead: uint8 thumbnails (at most 64 px) of only the samples the
+            report shows, so the report has images and dataset indices either way.
         verbose: Print one line per analysis, and one per epoch skipped to keep ``max_overhead``.
         state_key: Key of this callback's state in checkpoints; by default derived from ``prefix``,
             ``layers`` and ``history_file`` (two instances need their own prefix and history file),
@@ -897,7 +898,9 @@ class AnomalyFilterCallback(Callback):
             for lg in trainer.loggers:
                 if isinstance(lg, TensorBoardLogger):
                     self._tensorboard(trainer, lg, report)
-        self._write_history(trainer, self.history_path(trainer))
+        path = self.history_path(trainer)
+        self._write_history(trainer, path)
+        self._write_thumbnails(trainer, path, report)
         if self.verbose:
             ratio = summary["gradient_ratio"]
             rank_zero_info(
@@ -962,6 +965,15 @@ class AnomalyFilterCallback(Callback):
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"inputs": x, "targets": y, "indices": self.probe_indices}, path.with_name(PROBE_FILE))
+
+    def _write_thumbnails(self, trainer: Trainer, path: Path | None, report: AnalysisReport) -> None:
+        """Small images of the samples the report will show (when the whole probe is not saved)."""
+        if path is None or self.save_probe or self._probe is None or not trainer.is_global_zero:
+            return
+        x, y = self._probe
+        last = report.to_dict(tensors="list", labels=False)
+        positions = shown_samples(last, report.top_outliers())
+        torch.save(thumbnail_document(x, y, self.probe_indices, positions), path.with_name(THUMBNAILS_FILE))
 
     def _write_history(self, trainer: Trainer, path: Path | None) -> None:
         # ``path`` comes from history_path, which every rank must call (Trainer.log_dir is a collective

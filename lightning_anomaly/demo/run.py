@@ -113,7 +113,7 @@ def run_demo(
     val = DataLoader(TensorDataset(xva, yva), batch_size=512)
     version = time.strftime("%Y%m%d-%H%M%S")
     logger = TensorBoardLogger(str(out), name="", version=version, default_hp_metric=False)
-    monitor = AnomalyFilterCallback(probe_size=probe_size, seed=seed, save_probe=True)
+    monitor = AnomalyFilterCallback(probe_size=probe_size, seed=seed)
     table = _EpochTable(monitor, stamp_trigger(xva[yva != 0]), planted)
     callbacks: list[Callback] = [monitor, table]
     if prune:

@@ -12,7 +12,16 @@ from typing import Any, Literal
 
 import torch
 
-from lightning_anomaly.callbacks.monitor import HISTORY_FILE, PROBE_FILE
+from lightning_anomaly.artifacts import (
+    GALLERY_SIZE,
+    HISTORY_FILE,
+    IMAGES_PER_FILTER,
+    PROBE_FILE,
+    THUMBNAILS_FILE,
+    samples_from_thumbnails,
+    scatter_picks,
+    tiny_members,
+)
 
 __all__ = ["build_report", "find_history"]
 
@@ -132,7 +141,20 @@ def _integer_ticks() -> Any:
     return MaxNLocator(integer=True)
 
 
-def _figures(doc: dict[str, Any], probe: dict[str, Any] | None, ch_epochs: list[int] | None = None) -> dict[str, Any]:
+def _layer_sizes(doc: dict[str, Any]) -> dict[str, int]:
+    """Filters per layer, from the last report (absent in checkpoint-only histories)."""
+    last = doc.get("last_report") or {}
+    return {layer["name"]: int(layer.get("n_filters") or len(layer["ch"])) for layer in last.get("layers", [])}
+
+
+def _has(probe: dict[str, Any], i: int) -> bool:
+    inputs = probe["inputs"]
+    return i in inputs if isinstance(inputs, dict) else 0 <= i < len(inputs)
+
+
+def _figures(
+    doc: dict[str, Any], probe: dict[str, Any] | None, ch_epochs: list[int] | None = None, gallery: bool = True
+) -> dict[str, Any]:
     plt = _pyplot()
     history = doc["history"]
     figs: dict[str, Any] = {}
@@ -160,14 +182,24 @@ def _figures(doc: dict[str, Any], probe: dict[str, Any] | None, ch_epochs: list[
 
     layers = list(history[-1]["layer_anomaly_counts"]) if history else []
     if layers:
-        grid = [[h["layer_anomaly_counts"].get(layer, 0) for h in history] for layer in layers]
+        sizes = _layer_sizes(doc)
+        grid = [
+            [h["layer_anomaly_counts"].get(layer, 0) / max(1, sizes.get(layer, 1)) for h in history] for layer in layers
+        ]
+        known = all(layer in sizes for layer in layers)
+        top = max(max(row) for row in grid)
         fig, ax = plt.subplots(figsize=(7, 0.4 * len(layers) + 1.5))
-        im = ax.imshow(grid, aspect="auto", cmap="Reds", interpolation="nearest")
-        ax.set_yticks(range(len(layers)), layers, fontsize=7)
+        im = ax.imshow(grid, aspect="auto", cmap="Reds", interpolation="nearest", vmin=0, vmax=max(top, 1e-9))
+        ax.set_yticks(
+            range(len(layers)),
+            [f"{layer} ({sizes[layer]})" if layer in sizes else layer for layer in layers],
+            fontsize=7,
+        )
         ax.set_xticks(range(len(epochs)), epochs, fontsize=7)
-        ax.set_xlabel("epoch")
-        fig.colorbar(im, ax=ax, label="anomaly filters")
-        ax.set_title("anomaly filters per layer")
+        ax.set_xlabel("epoch (0-based)")
+        fig.colorbar(im, ax=ax, label="share of the layer's filters" if known else "anomaly filters")
+        ax.set_title("anomaly filters per layer (share of its filters; white = none)")
+        fig.tight_layout()
         figs["layers"] = fig
 
     over_epochs = _ch_over_epochs(plt, history, ch_epochs)
@@ -209,62 +241,57 @@ def _figures(doc: dict[str, Any], probe: dict[str, Any] | None, ch_epochs: list[
         ax.set_title("gradient norms: outlier vs normal (the paper's H2)")
         figs["grads"] = fig
 
-    if probe is not None and history and history[-1].get("top_outliers"):
+    if gallery and probe is not None and history and history[-1].get("top_outliers"):
         # The package's own ranking (AnalysisReport.top_outliers) at the last analysis.
-        top = list(history[-1]["top_outliers"])[:16]
-        cols = min(8, len(top))
-        rows = math.ceil(len(top) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.5 * rows), squeeze=False)
-        for ax in axes.flat:
-            ax.axis("off")
-        for ax, i in zip(axes.flat, top, strict=False):
-            _show(ax, probe, i)
-        fig.suptitle("most suspicious probe samples at the last analysis (top_outliers)", fontsize=9)
-        fig.tight_layout(rect=(0, 0, 1, 0.96))
-        figs["outliers"] = fig
+        top = [i for i in list(history[-1]["top_outliers"])[:GALLERY_SIZE] if _has(probe, i)]
+        if top:
+            cols = min(8, len(top))
+            rows = math.ceil(len(top) / cols)
+            fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.7 * rows), squeeze=False)
+            for ax in axes.flat:
+                ax.axis("off")
+            for ax, i in zip(axes.flat, top, strict=False):
+                _show(ax, probe, i)
+            fig.suptitle("most suspicious probe samples at the last analysis (top_outliers)", fontsize=9)
+            fig.tight_layout(rect=(0, 0, 1, 0.95), h_pad=1.2)
+            figs["outliers"] = fig
     return figs
 
 
-def _scatter(plt: Any, last: dict[str, Any], probe: dict[str, Any] | None = None, most: int = 8) -> Any:
+def _scatter(plt: Any, last: dict[str, Any], probe: dict[str, Any] | None = None) -> Any:
     """2-D points of the filters that single out samples most strongly, their tiny cluster in red, and its first images."""
-    picks = []
-    for layer in last["layers"]:
-        seps = layer.get("separation")
-        for j, f in enumerate(layer.get("point_filters") or []):
-            strength = seps[f] if seps is not None else layer["ch"][f]
-            if strength is not None:
-                picks.append((bool(layer["anomaly"][f]), strength, layer, j, f))
-    if not picks:
+    chosen = scatter_picks(last)
+    if not chosen:
         return None
-    picks.sort(key=lambda t: (not t[0], -t[1]))
-    chosen = [(t[1], t[2], t[3], t[4]) for t in picks[:most]]
-    shown = 4 if probe is not None else 0  # images of the tiny cluster beside each scatter
-    fig, axes = plt.subplots(
-        len(chosen),
-        1 + shown,
-        figsize=(2.6 + 1.2 * shown, 2.3 * len(chosen)),
-        squeeze=False,
-        gridspec_kw={"width_ratios": [2.2] + [1] * shown},
-    )
+    shown = IMAGES_PER_FILTER if probe is not None else 0  # images of the tiny cluster beside each scatter
+    if shown:
+        rows, cols = len(chosen), 1 + shown
+        size = (2.6 + 1.2 * shown, 2.3 * rows)
+        ratios = [2.2] + [1] * shown
+    else:  # no images: a grid of scatters, not one narrow column
+        cols = min(4, len(chosen))
+        rows = math.ceil(len(chosen) / cols)
+        size, ratios = (2.6 * cols, 2.4 * rows), [1] * cols
+    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False, gridspec_kw={"width_ratios": ratios})
     for ax in axes.flat:
         ax.axis("off")
-    for row, (ratio, layer, j, f) in zip(axes, chosen, strict=False):
+    slots = [list(row) for row in axes] if shown else [[ax] for ax in axes.flat]
+    for row, (ratio, layer, j, f) in zip(slots, chosen, strict=False):
         ax = row[0]
         pts = torch.tensor(layer["points"][j], dtype=torch.float32)
-        labels = torch.tensor(layer["point_labels"][j], dtype=torch.long)
+        members = tiny_members(layer["point_labels"][j])
+        tiny = torch.zeros(pts.shape[0], dtype=torch.bool)
+        tiny[members] = True
         x = pts[:, 0]
         y = pts[:, 1] if pts.shape[1] > 1 else torch.zeros_like(x)
-        counts = torch.bincount(labels.clamp_min(0))
-        counts = torch.where(counts > 0, counts, torch.full_like(counts, labels.numel() + 1))
-        tiny = labels == int(counts.argmin())
         ax.axis("on")
         ax.scatter(x[~tiny], y[~tiny], s=6, color="C7")
         ax.scatter(x[tiny], y[tiny], s=14, color="C3")
-        ax.set_title(f"{layer['name']} #{f}: separation {ratio:.1f}, {int(tiny.sum())} in red", fontsize=7)
+        ax.set_title(f"{layer['name']} #{f}: separation {ratio:.1f}, {len(members)} in red", fontsize=7)
         ax.set_xticks([])
         ax.set_yticks([])
         if probe is not None:
-            for img_ax, i in zip(row[1:], tiny.nonzero().flatten().tolist(), strict=False):
+            for img_ax, i in zip(row[1:], [i for i in members if _has(probe, i)], strict=False):
                 _show(img_ax, probe, i)
     fig.suptitle(
         "filters that single samples out most (anomaly filters first): PCA space, tiny cluster in red", fontsize=9
@@ -273,12 +300,16 @@ def _scatter(plt: Any, last: dict[str, Any], probe: dict[str, Any] | None = None
     return fig
 
 
-def _show(ax: Any, probe: dict[str, Any], i: int) -> None:
-    """Probe image ``i`` on ``ax``, titled with its dataset index and label."""
-    img = probe["inputs"][i].float()
-    arr = img.permute(1, 2, 0) if img.shape[0] in (3, 4) else img[0]
+def _image(probe: dict[str, Any], i: int) -> Any:
+    """Probe image ``i`` as an ``(H, W)`` or ``(H, W, 3)`` array in [0, 1]."""
+    img = torch.as_tensor(probe["inputs"][i]).float()
+    arr = img.permute(1, 2, 0) if img.ndim == 3 and img.shape[0] in (3, 4) else img.reshape(-1, *img.shape[-2:])[0]
     arr = (arr - arr.min()) / (arr.max() - arr.min() + 1e-12)
-    ax.imshow(arr.numpy(), cmap="gray" if arr.ndim == 2 else None)
+    return arr.numpy()
+
+
+def _caption(probe: dict[str, Any], i: int) -> str:
+    """``#<dataset index> y=<label>`` of probe sample ``i`` (what is known of it)."""
     targets, indices = probe.get("targets"), probe.get("indices")
     label = ""
     if targets is not None:
@@ -287,9 +318,57 @@ def _show(ax: Any, probe: dict[str, Any], i: int) -> None:
             label = f" y={t.item():g}" if t.is_floating_point() else f" y={int(t)}"
         elif t.ndim == 1:  # one-hot or scores: the class
             label = f" y={int(t.argmax())}"
-    ds = "" if indices is None else f"#{indices[i]}"
-    ax.set_title(f"{ds}{label}", fontsize=7)
+    ds = f"probe {i}" if indices is None else f"#{indices[i]}"
+    return f"{ds}{label}"
+
+
+def _show(ax: Any, probe: dict[str, Any], i: int) -> None:
+    """Probe image ``i`` on ``ax``, titled with its dataset index and label."""
+    arr = _image(probe, i)
+    ax.imshow(arr, cmap="gray" if arr.ndim == 2 else None)
+    ax.set_title(_caption(probe, i), fontsize=7)
     ax.axis("off")
+
+
+def _gallery_html(doc: dict[str, Any], probe: dict[str, Any] | None, source: str) -> str:
+    """The ``top_outliers`` of the last analysis as captioned images (dataset index and label)."""
+    top = list(doc["history"][-1].get("top_outliers") or [])[:GALLERY_SIZE]
+    if probe is None:
+        return (
+            "<p class='hint'>No sample images: this run saved neither thumbnails nor the probe (newer runs "
+            "write <code>anomaly_thumbnails.pt</code> beside the history; <code>save_probe=True</code> saves the "
+            "whole probe).</p>"
+        )
+    shown = [i for i in top if _has(probe, i)]
+    if not shown:
+        return "<p class='hint'>The last analysis singled out no sample.</p>"
+    plt = _pyplot()
+    cells = []
+    for i in shown:
+        buf = io.BytesIO()
+        arr = _image(probe, i)
+        plt.imsave(buf, arr, format="png", cmap="gray" if arr.ndim == 2 else None)
+        b64 = base64.b64encode(buf.getvalue()).decode()
+        cap = html.escape(_caption(probe, i))
+        cells.append(
+            f'<figure class="sample"><img alt="{cap}" src="data:image/png;base64,{b64}"><figcaption>{cap}</figcaption></figure>'
+        )
+    return (
+        f"<p>The package's ranking (<code>monitor.top_outliers()</code>, most suspicious first), "
+        f"captioned with dataset index and label ({html.escape(source)}).</p>"
+        f'<div class="gallery">{"".join(cells)}</div>'
+    )
+
+
+def _samples(history_path: Path) -> tuple[dict[str, Any] | None, str]:
+    """The saved probe, else the thumbnails, beside a history; ``(None, "")`` when neither exists."""
+    probe_path = history_path.with_name(PROBE_FILE)
+    if probe_path.exists():
+        return torch.load(probe_path, weights_only=True), PROBE_FILE
+    thumbs = history_path.with_name(THUMBNAILS_FILE)
+    if thumbs.exists():
+        return samples_from_thumbnails(torch.load(thumbs, weights_only=True)), THUMBNAILS_FILE
+    return None, ""
 
 
 def _png(fig: Any) -> bytes:
@@ -324,10 +403,9 @@ def build_report(
     doc = read_history(path)
     if not doc["history"]:
         raise ValueError(f"{path} holds no analysis yet; run at least one epoch with AnomalyFilterCallback")
-    probe_path = path.with_name(PROBE_FILE)
-    probe = torch.load(probe_path, weights_only=True) if probe_path.exists() else None
+    probe, source = _samples(path)
     plt = _pyplot()
-    figs = _figures(doc, probe, epochs)
+    figs = _figures(doc, probe, epochs, gallery=fmt == "png")
     if fmt == "png":
         target = Path(out) if out is not None else path.parent / "report_png"
         target.mkdir(parents=True, exist_ok=True)
@@ -349,15 +427,21 @@ def build_report(
     body = "".join(
         f'<figure><img alt="{name}" src="data:image/png;base64,{b64}"></figure>' for name, b64 in images.items()
     )
+    gallery = _gallery_html(doc, probe, source)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>lightning-anomaly report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}}
 img{{max-width:100%}}table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}
-code{{background:#f4f4f4;padding:1px 4px}}</style></head><body>
+code{{background:#f4f4f4;padding:1px 4px}}
+.gallery{{display:grid;grid-template-columns:repeat(auto-fill,minmax(96px,1fr));gap:10px}}
+figure.sample{{margin:0;text-align:center}}figure.sample img{{width:96px;height:96px;object-fit:contain;image-rendering:pixelated;border:1px solid #ddd}}
+figcaption{{font-size:12px}}.hint{{color:#666}}</style></head><body>
 <h1>Anomaly filters: {html.escape(str(path.parent))}</h1>
 <p>{len(doc["history"])} analyses; last: <b>{last["anomaly_count"]}</b> anomaly filters of {last["n_filters"]},
 {last["outlier_count"]} outlier probe samples, gradient ratio {_f(last.get("gradient_ratio"))}.
 Criteria: <code>{html.escape(json.dumps(crit))}</code></p>
+<h2>Most suspicious samples</h2>
+{gallery}
 {body}
 <h2>History</h2><table><tr><th>epoch</th><th>anomaly filters</th><th>outliers</th><th>grad ratio</th><th>train acc</th><th>val acc</th><th>event</th></tr>{rows}</table>
 <script>
