@@ -101,6 +101,8 @@ def fit(arm: str, data: dict, seed: int, epochs: int, prune_epoch: int | None, a
     share = (pruner.n_pruned / total) if pruner is not None else None
     first = pruner.events[0]["epoch"] if pruner is not None and pruner.events else None
     reason = pruner.events[0].get("reason") if pruner is not None and pruner.events else None
+    # Epochs at which the trigger fired on an analysis that flagged nothing (so nothing was masked).
+    unmasked = [e["epoch"] for e in pruner.unmasked] if pruner is not None else []
     return {
         "val_acc": val,
         "gap": train - val,
@@ -108,6 +110,7 @@ def fit(arm: str, data: dict, seed: int, epochs: int, prune_epoch: int | None, a
         "pruned_share": share,
         "prune_epoch": first,
         "reason": reason,
+        "fired_unmasked": unmasked,
     }
 
 
@@ -140,6 +143,7 @@ def main() -> None:
         }
         out[case]["prune_epochs"] = [r["prune_epoch"] for r in rows[arm]]
         out[case]["reasons"] = [r["reason"] for r in rows[arm]]
+        out[case]["fired_unmasked"] = [r["fired_unmasked"] for r in rows[arm]]
         out[case]["pruned_share"] = float(np.mean([r["pruned_share"] for r in rows[arm]]))
     print(json.dumps(out))
 

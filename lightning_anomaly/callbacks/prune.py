@@ -87,6 +87,11 @@ class AnomalyPruneCallback(Callback):
     ``val_metric`` when the trigger fired or armed); ``"overfit"`` adds ``armed_epoch``, ``gap``,
     ``best_val`` and ``stalled_validations``, ``"count"`` adds ``anomaly_counts``.
 
+    A trigger that fires when no filter is flagged masks nothing: it appends the same dict (with
+    ``n_pruned`` 0) to :attr:`unmasked` instead, once per epoch, says so in ``verbose`` mode, and stays
+    armed, so that the next analysis with flags prunes. Read it to tell "never overfitted" from
+    "overfitted, but nothing to mask".
+
     Checkpoints always hold plain parameter names (masks folded in, no ``*_orig``/``*_mask`` keys):
     they load strictly into a plain model of the same class. The masks themselves live in this
     callback's state, with the trigger's (best value, counters), and are re-applied in
@@ -237,6 +242,7 @@ class AnomalyPruneCallback(Callback):
         self.batchnorms: dict[str, str | None] = {}
         self.events: list[dict[str, Any]] = []
         self._last_prune_analysis = 0
+        self.unmasked: list[dict[str, Any]] = []
         self._reset_overfit()
         self._warned: set[str] = set()
         self._model: weakref.ReferenceType[LightningModule] | None = None  # the model the masks belong to
@@ -275,6 +281,7 @@ class AnomalyPruneCallback(Callback):
             "masks": {k: v.clone() for k, v in self.masks.items()},
             "batchnorms": dict(self.batchnorms),
             "events": list(self.events),
+            "unmasked": list(self.unmasked),
             "last_prune_analysis": self._last_prune_analysis,
             "overfit": {
                 "best_val": self._best_val,
@@ -293,6 +300,7 @@ class AnomalyPruneCallback(Callback):
         self.masks = {k: v.bool().clone() for k, v in state_dict.get("masks", {}).items()}
         self.batchnorms = dict(state_dict.get("batchnorms", {}))
         self.events = list(state_dict.get("events", []))
+        self.unmasked = list(state_dict.get("unmasked", []))
         self._last_prune_analysis = int(state_dict.get("last_prune_analysis", 0))
         self._reset_overfit()
         overfit = state_dict.get("overfit") or {}
@@ -608,6 +616,22 @@ class AnomalyPruneCallback(Callback):
     ) -> dict[str, Any] | None:
         chosen = self.select_filters(report, pl_module)
         if not chosen:
+            epoch = int(trainer.current_epoch)
+            if not self.unmasked or self.unmasked[-1]["epoch"] != epoch:
+                self.unmasked.append(
+                    {
+                        "epoch": epoch,
+                        "global_step": int(trainer.global_step),
+                        "n_pruned": 0,
+                        "anomaly_count": report.anomaly_count,
+                        **why,
+                    }
+                )
+                if self.verbose:
+                    rank_zero_info(
+                        f"[prune] epoch {epoch} ({why['reason']}): the trigger fired, but no filter is flagged; "
+                        "nothing masked"
+                    )
             return None
         unknown = [n for n in chosen if n not in self.batchnorms]
         if unknown:

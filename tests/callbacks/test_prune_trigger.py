@@ -56,7 +56,22 @@ def fired(pruner):
 def test_an_underfitting_model_never_prunes_with_the_defaults(tmp_path):
     _, monitor, pruner = fit(tmp_path, {"train_acc": UNDERFIT_TRAIN}, {"val_acc": UNDERFIT_VAL}, max_epochs=8)
     assert [h["epoch"] for h in monitor.history] == list(range(8))  # every epoch a chance to prune
-    assert pruner.events == [] and pruner.n_pruned == 0
+    assert pruner.events == [] and pruner.n_pruned == 0 and pruner.unmasked == []
+
+
+class NoFlagsUntil7(Pruner):
+    """Flags nothing before epoch 7: the trigger fires on analyses with nothing to mask."""
+
+    def select_filters(self, report, pl_module):
+        return super().select_filters(report, pl_module) if pl_module.trainer.current_epoch >= 7 else {}
+
+
+def test_a_trigger_with_nothing_to_mask_is_recorded_and_stays_armed(tmp_path):
+    train = [0.30, 0.40, 0.50, 0.60, 0.62, 0.64, 0.66, 0.68, 0.70]
+    val = [0.30, 0.40, 0.50, 0.60, 0.60, 0.59, 0.60, 0.60, 0.60]
+    _, _, pruner = fit(tmp_path, {"train_acc": train}, {"val_acc": val}, max_epochs=9, pruner_cls=NoFlagsUntil7)
+    assert [(u["reason"], u["epoch"], u["n_pruned"]) for u in pruner.unmasked] == [("val_stalled", 6, 0)]
+    assert fired(pruner) == [("val_stalled", 7)]  # still armed at the next analysis, which has flags
 
 
 @pytest.mark.parametrize(
