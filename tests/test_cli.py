@@ -42,6 +42,10 @@ def test_demo_prints_the_table_and_next_steps(tmp_path, capsys):
     assert re.search(r"epoch\s+train acc\s+val acc\s+gap", text)
     assert len(re.findall(r"^\s+[01]\s+\d\.\d{3}", text, flags=re.M)) == 2  # 0-based epochs
     assert "tensorboard --logdir" in text and "lightning-anomaly report" in text
+    # The last analysis's top samples as training-set indices, planted ones starred.
+    line = re.search(r"top_outliers\(10\), training-set indices \(\* = planted backdoor\): (.*)", text)
+    assert line, text
+    assert line.group(1) == "none" or all(re.fullmatch(r"\d+\*?", tok) for tok in line.group(1).split())
 
 
 def test_help_points_to_the_benchmarks_which_are_not_a_command(capsys):

@@ -78,6 +78,13 @@ class _EpochTable(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._flush(trainer)  # the monitor, earlier in the list, has refreshed the metrics
+        if trainer.is_global_zero and self.monitor.last_report is not None:
+            top = self.monitor.top_outliers(10)  # dataset indices into the training set
+            marked = " ".join(f"{i}{'*' if bool(self.planted_train[i]) else ''}" for i in top)
+            self._say(
+                trainer,
+                f"\nmonitor.top_outliers(10), training-set indices (* = planted backdoor): {marked or 'none'}",
+            )
 
 
 def run_demo(
