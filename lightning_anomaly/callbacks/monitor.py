@@ -21,6 +21,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_anomaly.artifacts import HISTORY_FILE, PROBE_FILE, THUMBNAILS_FILE, shown_samples, thumbnail_document
+from lightning_anomaly.callbacks._dist import rank_zero_decides
 from lightning_anomaly.criteria import AnomalyCriteria
 from lightning_anomaly.engine.analyze import analyze, model_inputs
 from lightning_anomaly.engine.capture import hooked_forward, named_exactly, select_layers
@@ -457,7 +458,7 @@ class AnomalyFilterCallback(Callback):
             share: float | None = spent / (self._train_seconds + spent)
             # Rank 0 decides, so its share is the one every rank logs and records. Logging and writing
             # the history below are the monitor's cost too: counted from the next share on.
-            share = trainer.strategy.broadcast(share, src=0)
+            share = rank_zero_decides(trainer, lambda: share)
             self._analysed_epoch = epoch
             self._record(trainer, pl_module, report, share)
             self._last_analysis_seconds = time.perf_counter() - start
@@ -503,16 +504,17 @@ class AnomalyFilterCallback(Callback):
         """
         if self.max_overhead is None:
             return True
-        decision: Any = None
-        if trainer.is_global_zero:
+        budget = self.max_overhead
+
+        def decide() -> tuple[bool, float | None]:
             last = self._last_analysis_seconds
             if last is None or self._is_last_epoch(trainer):
-                decision = (True, None)
-            else:
-                spent = self._monitor_seconds + last
-                projected = spent / (self._train_seconds + spent)
-                decision = (projected <= self.max_overhead, projected)
-        analyse, projected = trainer.strategy.broadcast(decision, src=0)
+                return True, None
+            spent = self._monitor_seconds + last
+            projected = spent / (self._train_seconds + spent)
+            return projected <= budget, projected
+
+        analyse, projected = rank_zero_decides(trainer, decide)
         if not analyse:
             epoch = int(trainer.current_epoch)
             self.skipped_epochs.append(epoch)
@@ -544,19 +546,14 @@ class AnomalyFilterCallback(Callback):
             self._grad_targets = self._check_probe_runs(trainer, pl_module)
         if self.distribute and trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             return self._run_split(trainer, pl_module)
-        payload: Any = None
-        if trainer.is_global_zero:
-            try:
-                with isolate_rng():
-                    report, grads = self._analyze(trainer, pl_module, self._layer_names, slice(None))
-                    assert report is not None
-                    payload = replace(report, grad_norms=grads).to_dict()
-            except Exception as err:  # re-raised on every rank after the broadcast
-                payload = err
-        payload = trainer.strategy.broadcast(payload, src=0)
-        if isinstance(payload, BaseException):
-            raise payload
-        return AnalysisReport.from_dict(payload)
+
+        def compute() -> dict[str, Any]:
+            with isolate_rng():
+                report, grads = self._analyze(trainer, pl_module, self._layer_names, slice(None))
+                assert report is not None
+                return replace(report, grad_norms=grads).to_dict()
+
+        return AnalysisReport.from_dict(rank_zero_decides(trainer, compute))
 
     def _run_split(self, trainer: Trainer, pl_module: LightningModule) -> AnalysisReport:
         assert self._probe is not None
@@ -646,20 +643,14 @@ class AnomalyFilterCallback(Callback):
         same indices from it, or fails clearly); rank 0 reads it, or holds the explicit one, and
         broadcasts it, so ranks with their own data or their own explicit probes agree.
         """
-        payload: Any = None
-        if trainer.is_global_zero:
-            try:
-                if not self._explicit_probe:
-                    self._probe = self._load_probe(trainer)
-                assert self._probe is not None
-                payload = (self._probe, self.probe_indices)
-            except Exception as err:  # re-raised on every rank after the broadcast
-                payload = err
-        if trainer.world_size > 1:
-            payload = trainer.strategy.broadcast(payload, src=0)
-        if isinstance(payload, BaseException):
-            raise payload
-        self._probe, self.probe_indices = payload
+
+        def compute() -> tuple[Any, list[int] | None]:
+            if not self._explicit_probe:
+                self._probe = self._load_probe(trainer)
+            assert self._probe is not None
+            return self._probe, self.probe_indices
+
+        self._probe, self.probe_indices = rank_zero_decides(trainer, compute)
 
     def _forward(self, trainer: Trainer) -> Callable[[Any, Tensor], Any]:
         """How the probe goes through the model: ``forward_fn`` or ``model(x)``, as in training."""

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_anomaly.callbacks._dist import rank_zero_decides
 from lightning_anomaly.callbacks.monitor import AnomalyFilterCallback
 from lightning_anomaly.criteria import _Rule, check_setting
 from lightning_anomaly.engine.analyze import model_inputs
@@ -431,22 +432,14 @@ class AnomalyPruneCallback(Callback):
         due = (self.trigger == "overfit" and self._armed is not None) or (
             self.trigger == "epochs" and trainer.current_epoch in set(self.epochs or ())
         )
-        force = bool(trainer.strategy.broadcast(due, src=0))
+        force = bool(rank_zero_decides(trainer, lambda: due))
         report = self.monitor.analysis_for_epoch(trainer, pl_module, force=force)
         if report is None:
             return
         # Read on every rank: metrics logged with sync_dist are reduced on first read, a collective that
         # hangs when only rank 0 makes it.
         self._snapshot = self._metric_snapshot(trainer)
-        decision: Any = None
-        if trainer.is_global_zero:
-            try:
-                decision = self._should_prune(trainer)
-            except Exception as err:  # re-raised on every rank after the broadcast
-                decision = err
-        decision = trainer.strategy.broadcast(decision, src=0)
-        if isinstance(decision, BaseException):
-            raise decision
+        decision = rank_zero_decides(trainer, lambda: self._should_prune(trainer))
         event = self._prune(trainer, pl_module, report, decision) if decision is not None else None
         self._log(trainer, pl_module, event)
 
