@@ -867,12 +867,15 @@ class AnomalyFilterCallback(Callback):
             ),
             "seconds": report.seconds if math.isfinite(report.seconds) else None,
             "overhead": overhead,
-            "metrics": self._metric_snapshot(trainer),
         }
-        self.history.append(entry)
         scalars = report_scalars(report, self.prefix)
         if overhead is not None:
             scalars[f"{self.prefix}overhead"] = float(overhead)
+        # This analysis's own tags, not the previous epoch's values still in callback_metrics: a checkpoint
+        # saved before the next refresh keeps the entry as it is now.
+        logged = {k: float(torch.tensor(v, dtype=torch.float32)) for k, v in scalars.items()}  # as Lightning keeps it
+        entry["metrics"] = {**self._metric_snapshot(trainer), **{k: v for k, v in logged.items() if math.isfinite(v)}}
+        self.history.append(entry)
         for name, value in scalars.items():
             # The same value on every rank: sync_dist with "max" keeps Lightning's epoch-level reduction
             # quiet and exact (a mean over 3 ranks need not give the value back in float32).
