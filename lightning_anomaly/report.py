@@ -87,6 +87,8 @@ class LayerReport:
         point_filters: ``(A,)`` int64, the anomaly filters (up to 8, highest CH first) whose points are kept.
         points: ``(A, N, q)`` float32, their 2-D (or 1-D) PCA points, for plots.
         point_labels: ``(A, N)`` int8, their cluster labels.
+        module: Name of the module in ``model.named_modules()`` (masks and pruning act on it).
+        call: Which call of that module this site is (0 for the first; ``name`` ends ``#call`` after it).
     """
 
     name: str
@@ -114,8 +116,13 @@ class LayerReport:
     class_selective: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
     separation: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     separated: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+    module: str = ""
+    call: int = 0
 
     def __post_init__(self) -> None:
+        if not self.module:  # reports saved before the field: the site name says it
+            base, _, call = self.name.partition("#")
+            self.module, self.call = base, int(call or 0)
         if self.separated.numel() == 0 and self.n_filters > 0:
             self.separated = ~self.degenerate  # reports from before the rule: it did not apply
         if self.class_selective.numel() == 0 and self.n_filters > 0:
@@ -172,6 +179,8 @@ class LayerReport:
         """Plain-type view; ``tensors="list"`` gives JSON-ready lists (NaN becomes ``None``)."""
         out: dict[str, Any] = {
             "name": self.name,
+            "module": self.module,
+            "call": self.call,
             "n_filters": self.n_filters,
             "n_components": self.n_components,
             "map_shape": list(self.map_shape),
@@ -223,6 +232,8 @@ class LayerReport:
                 extras[f] = v.to(dt) if isinstance(v, Tensor) else torch.tensor(v, dtype=dt)
         return cls(
             name=str(data["name"]),
+            module=str(data.get("module") or ""),
+            call=int(data.get("call") or 0),
             n_filters=c,
             n_components=int(data["n_components"]),
             map_shape=(int(data["map_shape"][0]), int(data["map_shape"][1])),
@@ -473,11 +484,10 @@ def merge_reports(
         raise ValueError("merge_reports needs reports of the same probe size and criteria")
     rank = {name: i for i, name in enumerate(module_order)}
 
-    def key(site: str) -> tuple[int, int]:
-        base, _, call = site.partition("#")
-        return rank.get(base, len(rank)), int(call or 0)
+    def key(layer: LayerReport) -> tuple[int, int]:
+        return rank.get(layer.module, len(rank)), layer.call
 
-    layers = OrderedDict(sorted(((n, lr) for p in parts for n, lr in p.layers.items()), key=lambda t: key(t[0])))
+    layers = OrderedDict(sorted(((n, lr) for p in parts for n, lr in p.layers.items()), key=lambda t: key(t[1])))
     scores = None
     if first.criteria:
         scores = score_outliers(

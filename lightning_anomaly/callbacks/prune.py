@@ -49,11 +49,6 @@ def _check_setting(name: str, value: Any) -> None:
     check_setting(name, value, TRIGGER_CONSTRAINTS)
 
 
-def _module_name(site: str) -> str:
-    """Site names carry ``#i`` for a module's repeated calls; masks belong to the module."""
-    return site.split("#", 1)[0]
-
-
 class AnomalyPruneCallback(Callback):
     r"""Mask anomaly filters mid-training once the model overfits (the paper's H3 as a lever).
 
@@ -580,8 +575,8 @@ class AnomalyPruneCallback(Callback):
         total = sum(m.out_channels for m in convs.values())
         budget = math.floor(self.max_total_fraction * total) - self.n_pruned
         candidates: list[tuple[float, str, int]] = []
-        for site, layer in report.layers.items():
-            name = _module_name(site)
+        for layer in report.layers.values():
+            name = layer.module  # masks belong to the module, whichever of its calls was analysed
             if name not in convs:
                 continue
             masked = self.masks.get(name)

@@ -366,6 +366,8 @@ def _cluster_and_flag(
         keep = scored[rank.argsort(descending=True)[:_POINTS_PER_LAYER]]
         reports[cap.name] = LayerReport(
             name=cap.name,
+            module=cap.module_name,
+            call=cap.call_index,
             n_filters=c,
             n_components=cap.n_components,
             map_shape=cap.map_shape,

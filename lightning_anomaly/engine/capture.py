@@ -309,7 +309,14 @@ def capture_layers(
                 points, explained, activation, reason = reduce_maps(output.detach(), n_components, pca, groups)
             out.append(
                 LayerCapture(
-                    site, name, (int(output.shape[2]), int(output.shape[3])), points, explained, activation, reason
+                    site,
+                    name,
+                    (int(output.shape[2]), int(output.shape[3])),
+                    points,
+                    explained,
+                    activation,
+                    reason,
+                    call_index=i,
                 )
             )
             if on_layer is not None:

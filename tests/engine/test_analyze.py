@@ -309,3 +309,27 @@ def test_a_class_detector_is_class_selective_and_a_sub_class_group_is_the_anomal
     blind = analyze(model, x, criteria=loose).layers["conv"]
     assert blind.anomaly[0] and not blind.class_selective.any()
     assert not analyze(model, x).layers["conv"].anomaly[0]
+
+
+class _Twice(nn.Module):
+    """One conv applied twice: two sites of one module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(torch.relu(self.conv(x)))
+
+
+def test_a_repeated_module_gives_sites_that_name_their_module_and_call():
+    torch.manual_seed(0)
+    report = analyze(_Twice(), torch.randn(24, 3, 8, 8), criteria=AnomalyCriteria(k_range=(2, 3)))
+    assert [(n, lr.module, lr.call) for n, lr in report.layers.items()] == [("conv", "conv", 0), ("conv#1", "conv", 1)]
+    back = AnalysisReport.from_dict(json.loads(json.dumps(report.to_dict(tensors="list"))))
+    assert [(lr.module, lr.call) for lr in back.layers.values()] == [("conv", 0), ("conv", 1)]
+    # A report saved before the fields existed: the site name gives them.
+    old = report.to_dict(tensors="list")
+    for layer in old["layers"]:
+        del layer["module"], layer["call"]
+    assert [(lr.module, lr.call) for lr in AnalysisReport.from_dict(old).layers.values()] == [("conv", 0), ("conv", 1)]
