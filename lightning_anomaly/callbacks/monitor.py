@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from lightning_anomaly.criteria import AnomalyCriteria
 from lightning_anomaly.engine.analyze import analyze, model_inputs
 from lightning_anomaly.engine.capture import hooked_forward, named_exactly, select_layers
 from lightning_anomaly.engine.gradients import per_sample_grad_norms
+from lightning_anomaly.history import HistoryEntry, history_entry, write_history
 from lightning_anomaly.logging import (
     custom_scalars_layout,
     guess_layout_metrics,
@@ -60,17 +60,6 @@ def _eager() -> contextlib.AbstractContextManager[Any]:
     if set_stance is None:
         return contextlib.nullcontext()
     return set_stance("force_eager")
-
-
-def _finite_json(value: Any) -> Any:
-    """``value`` with every non-finite float replaced by ``None``."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_json(v) for v in value]
-    return value
 
 
 def _non_finite_rows(x: Tensor) -> list[int]:
@@ -244,7 +233,7 @@ class AnomalyFilterCallback(Callback):
         self._state_key = state_key
         self.max_overhead = None if max_overhead is None else float(max_overhead)
 
-        self.history: list[dict[str, Any]] = []
+        self.history: list[HistoryEntry] = []
         self.skipped_epochs: list[int] = []
         self.last_report: AnalysisReport | None = None
         self.probe_indices: list[int] | None = None
@@ -854,27 +843,21 @@ class AnomalyFilterCallback(Callback):
     ) -> None:
         self.last_report = report
         summary = report.summary()
-        dataset_indices = self.probe_indices
-        entry: dict[str, Any] = {
-            "epoch": int(trainer.current_epoch),
-            "global_step": int(trainer.global_step),
-            **summary,
-            "outlier_dataset_indices": (
-                [dataset_indices[i] for i in summary["outlier_indices"]] if dataset_indices is not None else None
-            ),
-            "top_outlier_dataset_indices": (
-                [dataset_indices[i] for i in summary["top_outliers"]] if dataset_indices is not None else None
-            ),
-            "seconds": report.seconds if math.isfinite(report.seconds) else None,
-            "overhead": overhead,
-        }
         scalars = report_scalars(report, self.prefix)
         if overhead is not None:
             scalars[f"{self.prefix}overhead"] = float(overhead)
         # This analysis's own tags, not the previous epoch's values still in callback_metrics: a checkpoint
         # saved before the next refresh keeps the entry as it is now.
         logged = {k: float(torch.tensor(v, dtype=torch.float32)) for k, v in scalars.items()}  # as Lightning keeps it
-        entry["metrics"] = {**self._metric_snapshot(trainer), **{k: v for k, v in logged.items() if math.isfinite(v)}}
+        entry = history_entry(
+            epoch=trainer.current_epoch,
+            global_step=trainer.global_step,
+            summary=summary,
+            dataset_indices=self.probe_indices,
+            seconds=report.seconds,
+            overhead=overhead,
+            metrics={**self._metric_snapshot(trainer), **logged},
+        )
         self.history.append(entry)
         for name, value in scalars.items():
             # The same value on every rank: sync_dist with "max" keeps Lightning's epoch-level reduction
@@ -974,19 +957,11 @@ class AnomalyFilterCallback(Callback):
         # under DDP). Only rank 0 writes.
         if path is None or not trainer.is_global_zero:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        doc = {
-            "version": 1,
-            "state_key": self.state_key,
-            "criteria": self.criteria.to_dict(),
-            "probe_indices": self.probe_indices,
-            "history": self.history,
-            "last_report": None if self.last_report is None else self.last_report.to_dict(tensors="list", labels=False),
-        }
-        tmp = path.with_suffix(".tmp")
-        try:
-            text = json.dumps(doc, allow_nan=False)
-        except ValueError:  # strict JSON: NaN and Inf (a diverged model) become null
-            text = json.dumps(_finite_json(doc), allow_nan=False)
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_history(
+            path,
+            history=self.history,
+            criteria=self.criteria.to_dict(),
+            state_key=self.state_key,
+            probe_indices=self.probe_indices,
+            last_report=None if self.last_report is None else self.last_report.to_dict(tensors="list", labels=False),
+        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -26,11 +26,12 @@ from lightning_anomaly.engine.masking import (
     fold_channel_masks,
     fold_pruned_state_dict,
 )
+from lightning_anomaly.history import HistoryEntry, PruneEvent
 from lightning_anomaly.report import AnalysisReport
 
 __all__ = ["TRIGGER_CONSTRAINTS", "AnomalyPruneCallback"]
 
-TriggerFn = Callable[[list[dict[str, Any]], Trainer], bool]
+TriggerFn = Callable[[list[HistoryEntry], Trainer], bool]
 
 #: What each numeric or option setting of the automatic triggers accepts (``None`` is handled apart:
 #: ``patience=None`` picks the trigger's default, ``min_gap=None`` turns the gap condition off).
@@ -652,7 +653,7 @@ class AnomalyPruneCallback(Callback):
             self._armed, self._stalled, self._train_at_best = None, 0, self._last_train
         history = self.monitor.history
         if history and history[-1]["epoch"] == event["epoch"]:
-            history[-1]["prune_event"] = event  # the report marks prune events from the history
+            history[-1]["prune_event"] = cast(PruneEvent, event)  # the report marks prune events from the history
         if self.verbose:
             rank_zero_info(
                 f"[prune] epoch {event['epoch']} ({event['reason']}): masked {event['n_pruned']} filters "

@@ -22,6 +22,7 @@ from lightning_anomaly.artifacts import (
     scatter_picks,
     tiny_members,
 )
+from lightning_anomaly.history import read_history
 
 __all__ = ["build_report", "find_history"]
 
@@ -57,48 +58,6 @@ def find_history(run_dir: str | Path) -> Path:
             "directory (history_file=...)"
         )
     return found[-1]
-
-
-_ENTRY_KEYS = ("epoch", "anomaly_count", "outlier_count", "n_filters")
-
-
-def read_history(path: Path) -> dict[str, Any]:
-    """A history document from an ``anomaly_history.json`` or a Lightning checkpoint, checked.
-
-    Raises:
-        ValueError: The file cannot be read, or is not a history written by AnomalyFilterCallback.
-    """
-    try:
-        doc = _load_checkpoint(path) if path.suffix == ".ckpt" else json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err})") from err
-    except ValueError:
-        raise  # ours, already naming the file
-    except Exception as err:  # unpickling, truncated zip, undecodable text...
-        raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err})") from err
-    history = doc.get("history") if isinstance(doc, dict) else None
-    bad = not isinstance(history, list) or any(
-        not isinstance(h, dict) or any(k not in h for k in _ENTRY_KEYS) for h in history
-    )
-    if bad:
-        raise ValueError(
-            f"{path} is not an anomaly history written by AnomalyFilterCallback (expected a 'history' list of "
-            f"entries with {', '.join(_ENTRY_KEYS)})"
-        )
-    return doc
-
-
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    """The monitor's history from a Lightning checkpoint's callback state (no per-filter report there)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} is not a Lightning checkpoint")
-    for key, state in ckpt.get("callbacks", {}).items():
-        if isinstance(state, dict):
-            state = state.get("monitor") or state  # AnomalyPruneCallback nests its own monitor
-            if isinstance(state, dict) and "history" in state and key:
-                return {"history": state["history"], "criteria": {}, "last_report": None}
-    raise ValueError(f"{path} holds no AnomalyFilterCallback state; was the callback in the Trainer that saved it?")
 
 
 def _ch_over_epochs(plt: Any, history: list[dict[str, Any]], epochs: list[int] | None) -> Any:
