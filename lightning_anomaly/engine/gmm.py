@@ -10,6 +10,8 @@ How it stays fast:
   Gaussian (times its weight) is linear in ``f``: ``log pi_j N(x | mu_j, S_j) = f(x) . w_j``.
   The E-step is one batched matrix product ``F @ W`` and the M-step's sufficient statistics
   (counts, first and second moments) are another, ``R^T @ F``. No ``(B, N, K, 2)`` temporaries.
+* **One copy of the features**, laid out ``(B, 6, N)`` for the E-step; the M-step reads it through a
+  transposed view, so retiring and refilling problems copies half as much.
 * **Cache-sized chunks** of problems on the CPU (the whole batch on a GPU).
 * **Per-problem convergence.** A problem whose mean log-likelihood changes by less than ``tol``
   is retired with its labels; the active set is compacted as problems converge.
@@ -63,10 +65,14 @@ class MixtureFit:
     converged: Tensor
 
 
-def _features(x: Tensor) -> Tensor:
-    """``(B, N, 2)`` points -> ``(B, N, 6)`` quadratic features ``[x^2, xy, y^2, x, y, 1]``."""
+def _features_t(x: Tensor) -> Tensor:
+    """``(B, N, 2)`` points -> ``(B, 6, N)`` quadratic features ``[x^2, xy, y^2, x, y, 1]``, one row each.
+
+    The only copy of the features: the E-step reads it as it is (``W @ F^T``), the M-step through
+    a transposed view (``R @ F``), which the batched matrix product takes without a copy.
+    """
     px, py = x[..., 0], x[..., 1]
-    return torch.stack([px * px, px * py, py * py, px, py, torch.ones_like(px)], dim=-1)
+    return torch.stack([px * px, px * py, py * py, px, py, torch.ones_like(px)], dim=1)
 
 
 def _max_mask(scores: Tensor) -> Tensor:
@@ -208,10 +214,9 @@ class _Work:
     def __init__(self, x: Tensor, idx: Tensor, k: int, uniforms: Tensor, reg: float, kmeans_iter: int) -> None:
         n = x.shape[1]
         self.idx = idx
-        self.feats = _features(x)  # (B, N, 6) for the M-step
-        self.feats_t = self.feats.mT.contiguous()  # (B, 6, N) for the E-step
+        self.feats_t = _features_t(x)  # (B, 6, N)
         init = _kmeans_labels(x, k, kmeans_iter, uniforms)
-        self.weights, self.means, self.cov = _m_step(torch.bmm(_onehot(init, k, self.feats.dtype), self.feats), n, reg)
+        self.weights, self.means, self.cov = _m_step(torch.bmm(_onehot(init, k, x.dtype), self.feats_t.mT), n, reg)
         self.prev = torch.full((len(idx),), -math.inf, dtype=torch.float64, device=x.device)
         self.iters = torch.zeros(len(idx), dtype=torch.long, device=x.device)
         self.alive = torch.ones(len(idx), dtype=torch.bool, device=x.device)
@@ -219,7 +224,7 @@ class _Work:
     def __len__(self) -> int:
         return int(self.idx.shape[0])
 
-    _FIELDS = ("idx", "feats", "feats_t", "weights", "means", "cov", "prev", "iters", "alive")
+    _FIELDS = ("idx", "feats_t", "weights", "means", "cov", "prev", "iters", "alive")
 
     def select(self, keep: Tensor) -> None:
         """Keep the rows ``keep`` (int64 indices)."""
@@ -265,7 +270,7 @@ def _fit_batched(
                 work.extend(fresh)
         if work is None or alive == 0:
             break
-        w = _log_density_weights(work.weights, work.means, work.cov, work.feats.dtype)
+        w = _log_density_weights(work.weights, work.means, work.cov, work.feats_t.dtype)
         resp, lb = _e_step(work.feats_t, w)
         work.iters += 1
         done = (lb - work.prev).abs() < tol
@@ -294,7 +299,7 @@ def _fit_batched(
                     work = None
                     continue
         work.prev = lb
-        work.weights, work.means, work.cov = _m_step(torch.bmm(resp, work.feats), n, reg)
+        work.weights, work.means, work.cov = _m_step(torch.bmm(resp, work.feats_t.mT), n, reg)
     return MixtureFit(labels, out_w, out_m, lower, n_iter, converged)
 
 

@@ -11,6 +11,8 @@ __all__ = ["batched_pca", "top_eigh"]
 _DENSE_MAX = 48
 _OVERSAMPLE = 6
 _RTOL = 1e-4
+# Largest share of a problem's sum of squares its mean may hold for the products to skip centring.
+_CENTRED_RTOL = 1e-4
 
 
 def top_eigh(a: Tensor, q: int, *, max_iter: int = 60) -> tuple[Tensor, Tensor]:
@@ -51,35 +53,77 @@ def top_eigh(a: Tensor, q: int, *, max_iter: int = 60) -> tuple[Tensor, Tensor]:
     vecs = torch.zeros(b, m, q, dtype=basis.dtype, device=a.device)
     todo = torch.arange(b, device=a.device)
     sub = a
-    for it in range(1, max_iter + 1):
-        basis = torch.linalg.qr(sub @ basis).Q
-        if it % 5 and it != max_iter:
-            continue
-        # Rayleigh-Ritz on the current subspace, then a residual check per problem.
-        small = basis.mT @ sub @ basis
-        w, v = torch.linalg.eigh(small)
-        w, v = w[:, -q:].flip(-1), basis @ v[..., -q:].flip(-1)
-        resid = (sub @ v - v * w.unsqueeze(1)).norm(dim=1)  # (b, q)
-        scale = w[:, :1].abs().clamp_min(torch.finfo(a.dtype).tiny)
-        done = (resid <= _RTOL * scale).all(-1)
-        if bool(done.any()):
-            vals[todo[done]], vecs[todo[done]] = w[done], v[done]
-            keep = ~done
-            todo, sub, basis = todo[keep], sub[keep], basis[keep]
-            if todo.numel() == 0:
-                return vals, vecs
+    for it in range(1, max_iter + 2):
+        # One product with A per iteration: it feeds the Rayleigh-Ritz check of the current basis
+        # (B^T A B and the residual A v = (A B) s) and then the next basis, so a check costs no
+        # extra pass over the (b, m, m) matrices, which is what the time goes to.
+        prod = sub @ basis
+        if (it > 1 and (it - 1) % 5 == 0) or it == max_iter + 1:
+            w, s = torch.linalg.eigh(basis.mT @ prod)
+            w, s = w[:, -q:].flip(-1), s[..., -q:].flip(-1)
+            v = basis @ s
+            resid = (prod @ s - v * w.unsqueeze(1)).norm(dim=1)  # (b, q)
+            scale = w[:, :1].abs().clamp_min(torch.finfo(a.dtype).tiny)
+            done = (resid <= _RTOL * scale).all(-1)
+            if bool(done.any()):
+                vals[todo[done]], vecs[todo[done]] = w[done], v[done]
+                keep = ~done
+                todo, sub, prod = todo[keep], sub[keep], prod[keep]
+                if todo.numel() == 0:
+                    return vals, vecs
+            if it == max_iter + 1:
+                break
+        basis = torch.linalg.qr(prod).Q
     w, v = torch.linalg.eigh(sub)
     vals[todo], vecs[todo] = w[:, -q:].flip(-1), v[..., -q:].flip(-1)
     return vals, vecs
+
+
+def _centred_gram(x: Tensor, mean: Tensor) -> Tensor:
+    """``(B, N, D)`` data, ``(B, 1, D)`` means over samples -> ``(B, N, N)`` Gram matrix of the centred data.
+
+    Data that are already centred (the class-conditional residuals ``analyze`` passes) are
+    multiplied as they are, with the mean's exact correction ``- v 1^T - 1 v^T + |mean|^2``
+    (``v = x mean^T``): no centred copy of a large ``x``, which costs about as much as the product.
+    Data whose mean holds more than ``_CENTRED_RTOL`` of their sum of squares are centred first:
+    the correction would cancel there, and float32 would lose the spread.
+    """
+    n = x.shape[1]
+    mean_sq = mean.square().sum(-1, keepdim=True)  # (B, 1, 1)
+    energy = torch.linalg.vector_norm(x, dim=(1, 2)).square()
+    if bool((n * mean_sq.flatten() <= _CENTRED_RTOL * energy).all()):
+        along = x @ mean.mT  # (B, N, 1)
+        return _gram(x) - along - along.mT + mean_sq
+    return _gram(x - mean)
+
+
+def _gram(x: Tensor) -> Tensor:
+    """``(B, N, D)`` -> ``(B, N, N)`` ``x @ x^T``, its off-diagonal block computed once.
+
+    Three half-size products instead of one full one: a quarter fewer multiply-adds, and each
+    entry is still one dot product over ``D``.
+    """
+    b, n, _ = x.shape
+    h = n // 2
+    top, bottom = x[:, :h], x[:, h:]
+    g = x.new_empty(b, n, n)
+    g[:, :h, :h] = top @ top.mT
+    lower = bottom @ top.mT
+    g[:, h:, :h] = lower
+    g[:, :h, h:] = lower.mT
+    g[:, h:, h:] = bottom @ bottom.mT
+    return g
 
 
 def batched_pca(x: Tensor, n_components: int) -> tuple[Tensor, Tensor]:
     """Project each of ``B`` data matrices onto its own top principal components.
 
     The eigendecomposition runs on whichever is smaller: the ``D x D`` covariance or the ``N x N``
-    Gram matrix. No random numbers are drawn (``torch.pca_lowrank`` would draw from the global
-    RNG). Signs are fixed so that, per component, the score of largest magnitude is positive, which
-    makes the result deterministic.
+    Gram matrix (large maps, ``D > N``: the scores are then the Gram matrix's top eigenvectors
+    scaled by the square roots of their eigenvalues, and no ``D x D`` matrix is formed). No random
+    numbers are drawn (``torch.pca_lowrank`` would draw from the global RNG). Signs are fixed so
+    that, per component, the score of largest magnitude is positive, which makes the result
+    deterministic.
 
     Example::
 
@@ -104,13 +148,14 @@ def batched_pca(x: Tensor, n_components: int) -> tuple[Tensor, Tensor]:
         raise ValueError(f"x must have shape (B, N, D), got {tuple(x.shape)}")
     n, d = x.shape[1:]
     q = min(n_components, d, n)
-    xc = x.float()
-    xc = xc - xc.mean(dim=1, keepdim=True)
+    x = x.float()
+    mean = x.mean(dim=1, keepdim=True)  # (B, 1, D)
     if d <= n:
+        xc = x - mean
         _, top = top_eigh(xc.mT @ xc, q)  # (B, D, q), largest first
         scores = xc @ top
     else:
-        top_vals, top_vecs = top_eigh(xc @ xc.mT, q)  # Gram matrix (B, N, N)
+        top_vals, top_vecs = top_eigh(_centred_gram(x, mean), q)  # (B, N, q)
         scores = top_vecs * top_vals.clamp_min(0).sqrt().unsqueeze(1)
     # Deterministic sign: the largest-magnitude score of each component is positive.
     idx = scores.abs().argmax(dim=1, keepdim=True)

@@ -108,3 +108,37 @@ def test_bad_k_and_non_finite():
     pts[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         fit_gmm(pts, 2)
+
+
+def test_m_step_statistics_through_the_single_feature_copy_match_float64():
+    # The fit keeps one (B, 6, N) copy of the quadratic features; the M-step reads it transposed.
+    from lightning_anomaly.engine.gmm import _Work
+
+    pts, _ = planted(5, 7)
+    work = _Work(pts, torch.arange(5), 3, torch.rand(5, 5, generator=torch.Generator().manual_seed(0)), 1e-6, 10)
+    x = pts.double().numpy()
+    px, py = x[..., 0], x[..., 1]
+    feats = np.stack([px * px, px * py, py * py, px, py, np.ones_like(px)], axis=-1)  # (B, N, 6)
+    assert np.allclose(work.feats_t.double().numpy(), feats.transpose(0, 2, 1), rtol=1e-6)
+    resp = torch.rand(5, 3, pts.shape[1], generator=torch.Generator().manual_seed(1))
+    stats = torch.bmm(resp, work.feats_t.mT)
+    ref = np.einsum("bkn,bnf->bkf", resp.double().numpy(), feats)
+    assert np.allclose(stats.double().numpy(), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_size", [4, 9])
+def test_refills_and_compaction_keep_every_problem_its_own_fit(chunk_size):
+    # Small chunks force the working batch to be compacted and refilled many times; each problem
+    # (scaled differently, so a row mix-up would show) still finds its planted clusters, at a
+    # likelihood at least scikit-learn's, with each component at its cluster's empirical mean.
+    pts, truth = planted(14, 8)
+    pts = pts * torch.linspace(0.5, 20.0, 14).view(14, 1, 1)
+    fit = fit_gmm(pts, 3, generator=torch.Generator().manual_seed(0), chunk_size=chunk_size)
+    for i in range(14):
+        x = pts[i].double().numpy()
+        assert adjusted_rand_score(truth.numpy(), fit.labels[i].numpy()) > 0.95
+        gm = GaussianMixture(3, covariance_type="full", random_state=0).fit(x)
+        assert fit.lower_bound[i].item() >= gm.score(x) - 2e-2  # both stop on a 1e-3 change per step
+        for j in range(3):
+            members = fit.labels[i] == j
+            assert np.allclose(fit.means[i, j].numpy(), x[members.numpy()].mean(0), atol=0.1 * float(pts[i].std()))
