@@ -38,6 +38,7 @@ from lightning_anomaly.report import AnalysisReport, merge_reports
 __all__ = ["AnomalyFilterCallback"]
 
 DEFAULT_MAX_OVERHEAD: float | None = None
+DEFAULT_NUM_THREADS: int | None = None
 
 
 def split_layers(model: torch.nn.Module, names: list[str], parts: int) -> list[list[str]]:
@@ -52,6 +53,20 @@ def split_layers(model: torch.nn.Module, names: list[str], parts: int) -> list[l
         loads[i] += weight[name]
     order = {n: i for i, n in enumerate(names)}
     return [sorted(share, key=order.__getitem__) for share in shares]
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int | None) -> Iterator[None]:
+    """Set the intra-op threads to ``n`` inside the block and restore them after (``None``: unchanged)."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _eager() -> contextlib.AbstractContextManager[Any]:
@@ -181,6 +196,7 @@ class AnomalyFilterCallback(Callback):
         verbose: bool = False,
         state_key: str | None = None,
         max_overhead: float | None = DEFAULT_MAX_OVERHEAD,
+        num_threads: int | None = DEFAULT_NUM_THREADS,
     ) -> None:
         super().__init__()
         self.criteria = criteria if criteria is not None else AnomalyCriteria()
@@ -232,6 +248,14 @@ class AnomalyFilterCallback(Callback):
         self.verbose = verbose
         self._state_key = state_key
         self.max_overhead = None if max_overhead is None else float(max_overhead)
+        if num_threads is not None and (
+            isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1
+        ):
+            raise ValueError(
+                f"num_threads must be None or an int >= 1, got {num_threads!r}; e.g. num_threads=1 (see "
+                "docs/PERFORMANCE.md: more intra-op threads made the analysis slower on a shared CPU)"
+            )
+        self.num_threads = num_threads
 
         self.history: list[HistoryEntry] = []
         self.skipped_epochs: list[int] = []
@@ -529,6 +553,10 @@ class AnomalyFilterCallback(Callback):
         gradient-norm samples are split across ranks and the parts gathered; otherwise rank 0
         computes and broadcasts.
         """
+        with _intra_op_threads(self.num_threads):
+            return self._run_analysis(trainer, pl_module)
+
+    def _run_analysis(self, trainer: Trainer, pl_module: LightningModule) -> AnalysisReport:
         if self._probe is None:
             self._share_probe(trainer)
         if not self._grad_checked:  # called outside a fit's on_train_start: check before choosing layers

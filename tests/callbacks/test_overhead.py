@@ -253,3 +253,35 @@ def test_a_pruner_gets_its_trigger_epoch_analysed_whatever_the_budget(tmp_path):
     # The budget skips epochs 1-3 on its own (see the partition test); the pruner's epoch 2 is analysed.
     assert 2 in analysed(monitor) and 1 in monitor.skipped_epochs and 3 in monitor.skipped_epochs
     assert [e["epoch"] for e in pruner.events] == [2]
+
+
+class ThreadsSeen(AnomalyFilterCallback):
+    """Records torch's intra-op threads while each analysis runs."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.seen: list[int] = []
+
+    def _run_analysis(self, trainer, pl_module):
+        self.seen.append(torch.get_num_threads())
+        return super()._run_analysis(trainer, pl_module)
+
+
+@pytest.mark.parametrize("num_threads", [1, None])
+def test_num_threads_holds_during_the_analysis_and_is_restored(tmp_path, num_threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monitor = ThreadsSeen(probe_size=32, history_file=None, num_threads=num_threads)
+        trainer = Trainer(default_root_dir=tmp_path, max_epochs=2, callbacks=[monitor], logger=False, **FAST)
+        trainer.fit(Net())
+        assert monitor.seen == [num_threads or 2] * 2
+        assert torch.get_num_threads() == 2  # training's setting, back after each analysis
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "1"])
+def test_num_threads_must_be_a_positive_int(bad):
+    with pytest.raises(ValueError, match="num_threads must be None or an int >= 1"):
+        AnomalyFilterCallback(num_threads=bad)
