@@ -66,10 +66,12 @@ class AnomalyPruneCallback(Callback):
     the validations since it last improved. At the end of a training epoch that had a validation,
     where Lightning has reduced the epoch's ``train_metric``, it arms, from epoch ``warmup`` on, when
 
-    * ``"val_stalled"``: ``val_metric`` has not improved for ``patience`` validations while
-      ``train_metric`` improved (by more than ``min_delta``) on its value at the best validation; or
-    * ``"gap"``: ``val_metric`` did not improve at the latest validation and the train-val gap
-      (``train_metric - val_metric``; ``val_metric - train_metric`` for ``mode="min"``) exceeds ``min_gap``.
+    ``val_metric`` has not improved for ``patience`` validations, and
+
+    * ``"gap"``: the train-val gap (``train_metric - val_metric``; ``val_metric - train_metric`` for
+      ``mode="min"``) exceeds ``min_gap``; or
+    * ``"val_stalled"``: ``train_metric`` improved (by more than ``min_delta``) on its value at the best
+      validation.
 
     An armed trigger prunes at the same or the next analysed epoch, with that epoch's report; a later
     validation that meets neither condition disarms it. A prune starts the count of validations without
@@ -131,9 +133,9 @@ class AnomalyPruneCallback(Callback):
         mode: ``"max"`` when larger values of both metrics are better (accuracy), ``"min"`` when smaller
             ones are (loss).
         min_delta: Smallest change of either metric that counts as an improvement, as in EarlyStopping.
-        min_gap: Train-val gap, in the metrics' units, above which a validation without improvement arms
-            ``"overfit"`` at once (0.1: ten accuracy points; for a loss choose it on its scale). ``None``
-            turns the gap condition off.
+        min_gap: Train-val gap, in the metrics' units, above which ``patience`` validations without
+            improvement arm ``"overfit"`` even when ``train_metric`` no longer improves (0.1: ten accuracy
+            points; for a loss choose it on its scale). ``None`` turns the gap condition off.
         strict: Raise when ``train_metric`` or ``val_metric`` is not logged, or the fit has no
             validation (``trigger="overfit"``); ``False`` warns once, and the trigger waits for the metric.
         epochs: Epochs at which ``trigger="epochs"`` prunes.
@@ -505,11 +507,13 @@ class AnomalyPruneCallback(Callback):
             return None
         gap = train - val if self.mode == "max" else val - train
         reason = None
-        if self._stalled >= self.patience and self._improves(train, self._train_at_best):
-            reason = "val_stalled"
-        elif self.min_gap is not None and self._stalled >= 1 and gap > self.min_gap:
-            # Only with the validation metric stalled: an underfitting model has a gap too, and improves.
-            reason = "gap"
+        # Both need `patience` validations without improvement: one noisy dip early in a small-data fit,
+        # where the gap is wide anyway, is not overfitting (an underfitting model has a gap too).
+        if self._stalled >= self.patience:
+            if self.min_gap is not None and gap > self.min_gap:
+                reason = "gap"  # the training metric need not still improve (e.g. train_acc at 1.0)
+            elif self._improves(train, self._train_at_best):
+                reason = "val_stalled"
         if reason is None:
             return None
         return {
@@ -600,6 +604,16 @@ class AnomalyPruneCallback(Callback):
             budget -= 1
         return {n: sorted(cs) for n, cs in chosen.items() if cs}
 
+    def _why_nothing(self, report: AnalysisReport) -> str:
+        """Why a trigger that fired masked nothing: no flags, or flags that the caps or earlier masks rule out."""
+        if report.anomaly_count == 0:
+            return "no filter is flagged at this analysis; nothing masked"
+        return (
+            f"{report.anomaly_count} filters are flagged, but none may be masked: already masked, or over "
+            f"max_total_fraction={self.max_total_fraction} ({self.n_pruned} masked so far) or "
+            f"max_fraction_per_layer={self.max_fraction_per_layer}"
+        )
+
     def _prune(
         self, trainer: Trainer, pl_module: LightningModule, report: AnalysisReport, why: dict[str, Any]
     ) -> dict[str, Any] | None:
@@ -607,6 +621,7 @@ class AnomalyPruneCallback(Callback):
         if not chosen:
             epoch = int(trainer.current_epoch)
             if not self.unmasked or self.unmasked[-1]["epoch"] != epoch:
+                why = {**why, "why_unmasked": self._why_nothing(report)}
                 self.unmasked.append(
                     {
                         "epoch": epoch,
@@ -617,10 +632,7 @@ class AnomalyPruneCallback(Callback):
                     }
                 )
                 if self.verbose:
-                    rank_zero_info(
-                        f"[prune] epoch {epoch} ({why['reason']}): the trigger fired, but no filter is flagged; "
-                        "nothing masked"
-                    )
+                    rank_zero_info(f"[prune] epoch {epoch} ({why['reason']}): the trigger fired; {why['why_unmasked']}")
             return None
         unknown = [n for n in chosen if n not in self.batchnorms]
         if unknown:

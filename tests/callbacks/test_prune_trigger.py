@@ -71,7 +71,21 @@ def test_a_trigger_with_nothing_to_mask_is_recorded_and_stays_armed(tmp_path):
     val = [0.30, 0.40, 0.50, 0.60, 0.60, 0.59, 0.60, 0.60, 0.60]
     _, _, pruner = fit(tmp_path, {"train_acc": train}, {"val_acc": val}, max_epochs=9, pruner_cls=NoFlagsUntil7)
     assert [(u["reason"], u["epoch"], u["n_pruned"]) for u in pruner.unmasked] == [("val_stalled", 6, 0)]
+    assert pruner.unmasked[0]["why_unmasked"].startswith("no filter is flagged")
     assert fired(pruner) == [("val_stalled", 7)]  # still armed at the next analysis, which has flags
+
+
+def test_flags_that_the_caps_rule_out_are_named_as_such(tmp_path):
+    train = [0.30, 0.40, 0.50, 0.60, 0.62, 0.64, 0.66]
+    val = [0.30, 0.40, 0.50, 0.60, 0.60, 0.59, 0.60]
+    monitor = ScriptedMonitor(counts=[4] * 7)  # four flags at every analysis, none of which may be masked
+    _, _, pruner = fit(
+        tmp_path, {"train_acc": train}, {"val_acc": val}, max_epochs=7, pruner_cls=NoFlagsUntil7, monitor=monitor
+    )
+    (u,) = pruner.unmasked
+    assert u["anomaly_count"] == 4
+    assert u["why_unmasked"].startswith("4 filters are flagged, but none may be masked")
+    assert "max_total_fraction=0.3" in u["why_unmasked"]
 
 
 @pytest.mark.parametrize(
@@ -97,8 +111,8 @@ def test_a_stalled_validation_metric_prunes_while_training_improves(tmp_path, tr
 @pytest.mark.parametrize(
     ("mode", "names", "min_gap", "expected"),
     [
-        ("max", ("train_acc", "val_acc"), 0.1, [("gap", 4)]),
-        ("min", ("train_loss", "val_loss"), 0.1, [("gap", 4)]),  # losses: 1 - accuracy, the gap is val - train
+        ("max", ("train_acc", "val_acc"), 0.1, [("gap", 6)]),
+        ("min", ("train_loss", "val_loss"), 0.1, [("gap", 6)]),  # losses: 1 - accuracy, the gap is val - train
         ("max", ("train_acc", "val_acc"), 0.3, [("val_stalled", 6)]),  # gaps 0.25-0.29: only the stall fires
         ("max", ("train_acc", "val_acc"), None, [("val_stalled", 6)]),
     ],
@@ -118,12 +132,20 @@ def test_a_gap_above_min_gap_prunes_once_validation_stops_improving(tmp_path, mo
         mode=mode,
         min_gap=min_gap,
     )
-    # After the gap prune at epoch 4 the trigger warms up again: no second prune at epochs 5-6.
+    # Validation stalls from epoch 4: the third validation without improvement (epoch 6) arms it.
     assert fired(pruner) == expected
     if expected[0][0] == "gap":
         event = pruner.events[0]
-        assert event["gap"] == pytest.approx(0.25, abs=1e-6) and event["stalled_validations"] == 1
-        assert event["metrics"] == pytest.approx({names[0]: train[4], names[1]: val[4]})
+        assert event["gap"] == pytest.approx(0.29, abs=1e-6) and event["stalled_validations"] == 3
+        assert event["metrics"] == pytest.approx({names[0]: train[6], names[1]: val[6]})
+
+
+def test_one_noisy_dip_in_validation_never_prunes_however_wide_the_gap(tmp_path):
+    # The new user's run: a small set, a wide gap from the start, one dip at epoch 4, then recovery.
+    train = [0.40, 0.55, 0.65, 0.75, 0.83, 0.88, 0.92, 0.95, 0.97]
+    val = [0.10, 0.25, 0.40, 0.47, 0.32, 0.60, 0.75, 0.85, 0.90]
+    _, _, pruner = fit(tmp_path, {"train_acc": train}, {"val_acc": val}, max_epochs=9)
+    assert pruner.events == [] and pruner.unmasked == []
 
 
 @pytest.mark.parametrize(("warmup", "expected"), [(3, [("gap", 3)]), (2, [("gap", 2)]), (1, [("gap", 1)])])
@@ -131,7 +153,7 @@ def test_nothing_arms_during_the_warmup(tmp_path, warmup, expected):
     # Validation is flat from the start, with a wide gap: only the warm-up holds the trigger back.
     train, val = [0.5, 0.7, 0.8, 0.9], [0.5, 0.5, 0.5, 0.5]
     _, _, pruner = fit(
-        tmp_path, {"train_acc": train}, {"val_acc": val}, max_epochs=4, warmup=warmup, patience=5, max_prunes=1
+        tmp_path, {"train_acc": train}, {"val_acc": val}, max_epochs=4, warmup=warmup, patience=1, max_prunes=1
     )
     assert fired(pruner) == expected
 
@@ -140,7 +162,9 @@ def test_nothing_arms_during_the_warmup(tmp_path, warmup, expected):
 def test_an_armed_trigger_prunes_at_the_next_analysis_unless_validation_recovers(tmp_path, val_at_5, expected):
     train = [0.35, 0.50, 0.65, 0.75, 0.80, 0.82]
     val = [0.30, 0.40, 0.50, 0.55, 0.55, val_at_5]  # arms at epoch 4, which the monitor does not analyse
-    _, monitor, pruner = fit(tmp_path, {"train_acc": train}, {"val_acc": val}, max_epochs=6, every_n_epochs=2)
+    _, monitor, pruner = fit(
+        tmp_path, {"train_acc": train}, {"val_acc": val}, max_epochs=6, every_n_epochs=2, patience=1
+    )
     assert [h["epoch"] for h in monitor.history] == [1, 3, 5]
     assert fired(pruner) == expected
     if expected:
