@@ -60,6 +60,7 @@ class HistoryEntry(TypedDict, total=False):
     layer_class_selective_counts: dict[str, int]
     degenerate_count: int
     layer_anomaly_counts: dict[str, int]
+    layer_n_filters: dict[str, int]
     layer_mean_ch: dict[str, float | None]
     layer_ch_hist: dict[str, dict[str, list[float]]]
     outlier_count: int
@@ -190,5 +191,5 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
         if isinstance(state, dict):
             state = state.get("monitor") or state  # AnomalyPruneCallback nests its own monitor
             if isinstance(state, dict) and "history" in state and key:
-                return {"history": state["history"], "criteria": {}, "last_report": None}
+                return {"history": state["history"], "criteria": state.get("criteria") or {}, "last_report": None}
     raise ValueError(f"{path} holds no AnomalyFilterCallback state; was the callback in the Trainer that saved it?")

@@ -18,7 +18,7 @@ tag                                         value
 ``{prefix}grad_ratio``                      outlier / normal (the paper's H2; absent when undefined)
 ``{prefix}grad_ratio/no_difference``        constant 1.0, logged with ``grad_ratio``: the reference line
                                             of the ratio chart (outliers and normal samples alike)
-``{prefix}seconds``                         wall time of the analysis
+``{prefix}seconds``                         wall time of the analysis (the callback: with gradient norms)
 ``{prefix}log10_ch/<layer>``                TensorBoard histogram of log10(CH) over the layer's filters
 ``{prefix}activation/<layer>``              TensorBoard histogram of filter activations
 ==========================================  ===============================================================

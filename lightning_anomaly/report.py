@@ -396,6 +396,7 @@ class AnalysisReport:
             "layer_class_selective_counts": {n: lr.class_selective_count for n, lr in self.layers.items()},
             "degenerate_count": self.degenerate_count,
             "layer_anomaly_counts": {n: lr.anomaly_count for n, lr in self.layers.items()},
+            "layer_n_filters": {n: lr.n_filters for n, lr in self.layers.items()},
             "layer_mean_ch": {n: _plain_float(_nanmean(lr.ch[~lr.degenerate])) for n, lr in self.layers.items()},
             "layer_ch_hist": {n: _log10_hist(lr.ch[~lr.degenerate]) for n, lr in self.layers.items()},
             "outlier_count": len(self.outlier_indices),

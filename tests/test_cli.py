@@ -129,6 +129,35 @@ def test_report_from_a_checkpoint(tmp_path):
     assert page.count("data:image/png;base64,") >= 2 and "<td>1</td>" in page  # 0-based epochs
 
 
+def test_a_checkpoint_report_finds_the_runs_thumbnails_and_criteria(tmp_path):
+    from lightning.pytorch import Trainer, seed_everything
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_anomaly import AnomalyFilterCallback
+    from tests.helpers import FAST, Net
+
+    seed_everything(0)
+    monitor = AnomalyFilterCallback(probe_size=24)
+    trainer = Trainer(default_root_dir=tmp_path, max_epochs=2, callbacks=[monitor], logger=CSVLogger(tmp_path), **FAST)
+    trainer.fit(Net())
+    (ckpt,) = (tmp_path / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt")  # Lightning's default place
+    out = tmp_path / "from_ckpt.html"
+    assert main(["report", str(ckpt), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert '"min_cluster_fraction": 0.2' in html_unescape(page)  # the criteria, kept in the callback state
+    assert "No sample images" not in page
+    if monitor.last_report.top_outliers():
+        assert '<figure class="sample">' in page  # thumbnails from the run directory above checkpoints/
+    else:
+        assert "singled out no sample" in page
+
+
+def html_unescape(text):
+    import html
+
+    return html.unescape(text)
+
+
 def test_report_with_one_hot_targets_in_the_saved_samples(demo_run, tmp_path):
     import shutil
 

@@ -294,6 +294,7 @@ class AnomalyFilterCallback(Callback):
             "history": list(self.history),
             "probe_indices": self.probe_indices,
             "probe_size": self.probe_size,
+            "criteria": self.criteria.to_dict(),  # for a report made from the checkpoint alone
             "skipped_epochs": list(self.skipped_epochs),
             "overhead_seconds": {
                 "monitor": self._monitor_seconds,
@@ -416,9 +417,16 @@ class AnomalyFilterCallback(Callback):
             self._write_probe(trainer)
         if not trainer.loggers and not self._warned_no_logger:
             self._warned_no_logger = True
+            path = self.history_path(trainer)  # every rank: a collective under DDP
+            where = (
+                "and no file is written (history_file=None)"
+                if path is None
+                else f"and the JSON history goes to {path} (Lightning's default_root_dir without a logger; "
+                "history_file=None writes none)"
+            )
             rank_zero_warn(
-                "AnomalyFilterCallback: the Trainer has no logger; analyses are kept in `.history` only "
-                "(add a TensorBoardLogger to see the curves)."
+                f"AnomalyFilterCallback: the Trainer has no logger, so no curves; analyses are kept in `.history` "
+                f"{where}. Add a TensorBoardLogger to see the curves."
             )
 
     @override
@@ -466,6 +474,8 @@ class AnomalyFilterCallback(Callback):
                 return None
             start = time.perf_counter()
             report = self.run_analysis(trainer, pl_module)
+            # The whole analysis as the fit feels it: clustering, gradient norms, DDP exchange.
+            report = replace(report, seconds=rank_zero_decides(trainer, lambda: time.perf_counter() - start))
             assert self._clock is not None
             spent = self._monitor_seconds + (time.perf_counter() - self._clock)
             share: float | None = spent / (self._train_seconds + spent)

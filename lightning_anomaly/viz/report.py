@@ -101,7 +101,10 @@ def _integer_ticks() -> Any:
 
 
 def _layer_sizes(doc: dict[str, Any]) -> dict[str, int]:
-    """Filters per layer, from the last report (absent in checkpoint-only histories)."""
+    """Filters per layer: from the last history entry, else the last report (older histories)."""
+    history = doc.get("history") or [{}]
+    if history[-1].get("layer_n_filters"):
+        return {str(k): int(v) for k, v in history[-1]["layer_n_filters"].items()}
     last = doc.get("last_report") or {}
     return {layer["name"]: int(layer.get("n_filters") or len(layer["ch"])) for layer in last.get("layers", [])}
 
@@ -321,12 +324,15 @@ def _gallery_html(doc: dict[str, Any], probe: dict[str, Any] | None, source: str
 
 def _samples(history_path: Path) -> tuple[dict[str, Any] | None, str]:
     """The saved probe, else the thumbnails, beside a history; ``(None, "")`` when neither exists."""
-    probe_path = history_path.with_name(PROBE_FILE)
-    if probe_path.exists():
-        return torch.load(probe_path, weights_only=True), PROBE_FILE
-    thumbs = history_path.with_name(THUMBNAILS_FILE)
-    if thumbs.exists():
-        return samples_from_thumbnails(torch.load(thumbs, weights_only=True)), THUMBNAILS_FILE
+    # Beside the history; for a checkpoint, also in the run's log directory above Lightning's checkpoints/.
+    places = [history_path.parent]
+    if history_path.suffix == ".ckpt":
+        places.append(history_path.parent.parent)
+    for place in places:
+        if (place / PROBE_FILE).exists():
+            return torch.load(place / PROBE_FILE, weights_only=True), PROBE_FILE
+        if (place / THUMBNAILS_FILE).exists():
+            return samples_from_thumbnails(torch.load(place / THUMBNAILS_FILE, weights_only=True)), THUMBNAILS_FILE
     return None, ""
 
 
@@ -380,7 +386,7 @@ def build_report(
     rows = "".join(
         f"<tr><td>{h['epoch']}</td><td>{h['anomaly_count']}</td><td>{h['outlier_count']}</td>"
         f"<td>{_f(h.get('gradient_ratio'))}</td><td>{_f(h.get('metrics', {}).get('train_acc'))}</td>"
-        f"<td>{_f(h.get('metrics', {}).get('val_acc'))}</td><td>{'pruned ' + str(h['prune_event']['n_pruned']) if h.get('prune_event') else ''}</td></tr>"
+        f"<td>{_f(h.get('metrics', {}).get('val_acc'))}</td><td>{_event(h)}</td></tr>"
         for h in doc["history"]
     )
     body = "".join(
@@ -417,6 +423,15 @@ window.addEventListener("load", () => {{
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(page)
     return target
+
+
+def _event(entry: dict[str, Any]) -> str:
+    """The history table's event cell: how many filters were pruned, and why."""
+    event = entry.get("prune_event")
+    if not event:
+        return ""
+    reason = event.get("reason")
+    return f"pruned {event['n_pruned']}" + (f" ({html.escape(str(reason))})" if reason else "")
 
 
 def _f(v: Any) -> str:

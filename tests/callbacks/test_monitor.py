@@ -107,8 +107,11 @@ def test_no_logger_warns_once_and_keeps_computing(tmp_path):
     monitor = AnomalyFilterCallback(probe_size=24)
     with pytest.warns(UserWarning, match="no logger") as record:
         fit(tmp_path, [monitor], max_epochs=2)
-    assert sum("no logger" in str(w.message) for w in record) == 1
+    (warning,) = [str(w.message) for w in record if "no logger" in str(w.message)]
     assert len(monitor.history) == 2
+    # It says where the history went, and the file is there: Lightning's default_root_dir.
+    assert str(tmp_path / "anomaly_history.json") in warning
+    assert (tmp_path / "anomaly_history.json").exists()
 
 
 def test_fast_dev_run(tmp_path):
