@@ -11,7 +11,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["dataset_labels", "read_probe", "stratified_indices"]
+__all__ = [
+    "check_probe",
+    "dataset_labels",
+    "drop_non_finite",
+    "gradient_targets",
+    "map_style_dataset",
+    "non_finite_rows",
+    "read_probe",
+    "stratified_indices",
+]
 
 _INPUT_KEYS = ("image", "images", "input", "inputs", "x", "pixel_values")
 _TARGET_KEYS = ("label", "labels", "target", "targets", "y")
@@ -137,3 +146,119 @@ def read_probe(dataset: Any, indices: Sequence[int]) -> tuple[Tensor, Tensor | N
     except (TypeError, RuntimeError, ValueError):
         return inputs, None
     return inputs, targets
+
+
+def non_finite_rows(x: Tensor) -> list[int]:
+    """Positions of the samples of ``x`` that hold NaN or Inf (none for integer inputs)."""
+    if not (x.is_floating_point() or x.is_complex()) or x.numel() == 0:
+        return []
+    return (~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)).nonzero().flatten().tolist()
+
+
+def check_probe(probe: Any, min_size: int) -> tuple[Tensor, Tensor | None]:
+    """An explicit ``(inputs, targets)`` probe, checked and moved to the CPU.
+
+    Raises:
+        TypeError: Not a pair with a tensor of inputs.
+        ValueError: Fewer than ``min_size`` samples, targets of another length, or non-finite inputs.
+    """
+    if not isinstance(probe, (tuple, list)) or len(probe) != 2 or not isinstance(probe[0], Tensor):
+        raise TypeError("probe must be a pair (inputs, targets) with inputs a tensor (N, ...); targets may be None")
+    x, y = probe
+    n = int(x.shape[0])
+    if n < min_size:
+        raise ValueError(
+            f"probe has {n} samples, fewer than max(k_range)+1={min_size}; use at least {min_size} (256 recommended)"
+        )
+    if y is not None and (not isinstance(y, Tensor) or y.shape[0] != n):
+        raise ValueError(f"probe targets must be a tensor with {n} entries, got {y!r:.80}")
+    bad = non_finite_rows(x)
+    if bad:
+        raise ValueError(
+            f"probe inputs hold NaN or Inf in samples {bad[:10]}{' ...' if len(bad) > 10 else ''}; "
+            "drop or repair those samples (one bad sample makes every filter's maps degenerate)"
+        )
+    return x.detach().cpu(), None if y is None else y.detach().cpu()
+
+
+def drop_non_finite(
+    x: Tensor, y: Tensor | None, indices: Sequence[int]
+) -> tuple[Tensor, Tensor | None, list[int], list[int]]:
+    """Leave out the samples with NaN or Inf: ``(inputs, targets, kept indices, dropped indices)``.
+
+    Example::
+
+        >>> x = torch.tensor([[0.0], [float("nan")], [1.0]])
+        >>> drop_non_finite(x, torch.tensor([0, 1, 2]), [10, 11, 12])[2:]
+        ([10, 12], [11])
+    """
+    bad = set(non_finite_rows(x))
+    if not bad:
+        return x, y, list(indices), []
+    keep = [i for i in range(len(x)) if i not in bad]
+    dropped = [indices[i] for i in sorted(bad)]
+    return x[keep], None if y is None else y[keep], [indices[i] for i in keep], dropped
+
+
+def map_style_dataset(loaders: Any) -> Any:
+    """The dataset of the first training dataloader, which must be map-style.
+
+    Raises:
+        ValueError: No dataset, or an iterable-style one (no indices to draw a probe by).
+    """
+    from torch.utils.data import IterableDataset
+
+    while isinstance(loaders, (list, tuple, dict)) and loaders:
+        loaders = next(iter(loaders.values())) if isinstance(loaders, dict) else loaders[0]
+    dataset = getattr(loaders, "dataset", None)
+    if (
+        dataset is None
+        or isinstance(dataset, IterableDataset)
+        or not hasattr(dataset, "__len__")
+        or not hasattr(dataset, "__getitem__")
+    ):
+        raise ValueError(
+            "AnomalyFilterCallback needs a map-style training dataset (with __len__ and __getitem__) to draw "
+            f"its probe from, got {type(dataset).__name__}; pass probe=(inputs, targets) instead"
+        )
+    return dataset
+
+
+def gradient_targets(
+    targets: Tensor | None, output: Any, *, custom_loss: bool, output_transform: Any = None, trainable: bool = True
+) -> tuple[Tensor | None, str | None]:
+    """The targets the per-sample gradient norms take, or ``None`` with the reason they are skipped.
+
+    With a custom loss, the targets go as they are. The default loss is cross-entropy, which needs
+    integer class labels ``(N,)`` within the model's ``(N, classes)`` scores (after
+    ``output_transform``).
+
+    Example::
+
+        >>> gradient_targets(torch.tensor([0, 2]), torch.zeros(2, 3), custom_loss=False)[0]
+        tensor([0, 2])
+        >>> gradient_targets(torch.tensor([0, 5]), torch.zeros(2, 3), custom_loss=False)[1]
+        'the probe labels span 0..5 but the model gives 3 class scores: per-sample gradient norms are skipped; pass loss_fn=... that takes these targets'
+    """
+    if targets is not None and not trainable:
+        return None, "the model has no trainable parameter; per-sample gradient norms are skipped"
+    if targets is None or custom_loss:
+        return targets, None
+    skip = "per-sample gradient norms are skipped; pass loss_fn=... that takes these targets"
+    y = targets
+    if y.ndim != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        return None, (
+            f"the probe targets ({tuple(y.shape)} {y.dtype}) are not class labels, and the default loss is "
+            f"cross-entropy: {skip}"
+        )
+    scores = output_transform(output) if output_transform is not None else output
+    if not isinstance(scores, Tensor) or scores.ndim != 2:
+        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        return None, (
+            f"the model's output ({shape}) is not (N, classes) scores for the default cross-entropy; per-sample "
+            "gradient norms are skipped; pass output_transform=... (tuple or dict outputs) or loss_fn=..."
+        )
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= scores.shape[1]:
+        return None, f"the probe labels span {low}..{high} but the model gives {scores.shape[1]} class scores: {skip}"
+    return y.long(), None

@@ -32,7 +32,15 @@ from lightning_anomaly.logging import (
     report_scalars,
     tensorboard_histograms,
 )
-from lightning_anomaly.probe import dataset_labels, read_probe, stratified_indices
+from lightning_anomaly.probe import (
+    check_probe,
+    dataset_labels,
+    drop_non_finite,
+    gradient_targets,
+    map_style_dataset,
+    read_probe,
+    stratified_indices,
+)
 from lightning_anomaly.report import AnalysisReport, merge_reports
 
 __all__ = ["AnomalyFilterCallback"]
@@ -75,13 +83,6 @@ def _eager() -> contextlib.AbstractContextManager[Any]:
     if set_stance is None:
         return contextlib.nullcontext()
     return set_stance("force_eager")
-
-
-def _non_finite_rows(x: Tensor) -> list[int]:
-    """Positions of the samples of ``x`` that hold NaN or Inf (none for integer inputs)."""
-    if not (x.is_floating_point() or x.is_complex()) or x.numel() == 0:
-        return []
-    return (~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)).nonzero().flatten().tolist()
 
 
 def _no_forward(pl_module: LightningModule) -> NotImplementedError:
@@ -263,7 +264,7 @@ class AnomalyFilterCallback(Callback):
         self.probe_indices: list[int] | None = None
         self._probe: tuple[Tensor, Tensor | None] | None = None
         if probe is not None:
-            self._probe = self._check_probe(probe)
+            self._probe = check_probe(probe, self.criteria.min_probe_size)
         self._layout_written = False
         self._warned_no_logger = False
         self._told_skipping = False
@@ -333,26 +334,6 @@ class AnomalyFilterCallback(Callback):
     @property
     def _explicit_probe(self) -> bool:
         return self._probe is not None and self.probe_indices is None
-
-    def _check_probe(self, probe: Any) -> tuple[Tensor, Tensor | None]:
-        if not isinstance(probe, (tuple, list)) or len(probe) != 2 or not isinstance(probe[0], Tensor):
-            raise TypeError("probe must be a pair (inputs, targets) with inputs a tensor (N, ...); targets may be None")
-        x, y = probe
-        n = int(x.shape[0])
-        if n < self.criteria.min_probe_size:
-            raise ValueError(
-                f"probe has {n} samples, fewer than max(k_range)+1={self.criteria.min_probe_size}; "
-                f"use at least {self.criteria.min_probe_size} (256 recommended)"
-            )
-        if y is not None and (not isinstance(y, Tensor) or y.shape[0] != n):
-            raise ValueError(f"probe targets must be a tensor with {n} entries, got {y!r:.80}")
-        bad = _non_finite_rows(x)
-        if bad:
-            raise ValueError(
-                f"probe inputs hold NaN or Inf in samples {bad[:10]}{' ...' if len(bad) > 10 else ''}; "
-                "drop or repair those samples (one bad sample makes every filter's maps degenerate)"
-            )
-        return x.detach().cpu(), None if y is None else y.detach().cpu()
 
     # ----------------------------------------------------------------- public hooks users may override
     def select_probe(self, dataset: Any, generator: torch.Generator) -> list[int]:
@@ -744,41 +725,19 @@ class AnomalyFilterCallback(Callback):
 
     def _targets_for_grads(self, out: Any, pl_module: LightningModule) -> Tensor | None:
         assert self._probe is not None
-        y = self._probe[1]
-        if y is not None and not any(p.requires_grad for p in pl_module.parameters()):
-            rank_zero_warn(
-                "AnomalyFilterCallback: the model has no trainable parameter; per-sample gradient norms are skipped"
-            )
-            return None
-        if y is None or self.loss_fn is not None:
-            return y
-        skip = "per-sample gradient norms are skipped; pass loss_fn=... that takes these targets"
-        if y.ndim != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-            rank_zero_warn(
-                f"AnomalyFilterCallback: the probe targets ({tuple(y.shape)} {y.dtype}) are not class labels, and "
-                f"the default loss is cross-entropy: {skip}"
-            )
-            return None
-        scores = self.output_transform(out) if self.output_transform is not None else out
-        if not isinstance(scores, Tensor) or scores.ndim != 2:
-            shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
-            rank_zero_warn(
-                f"AnomalyFilterCallback: the model's output ({shape}) is not (N, classes) scores for the default "
-                "cross-entropy; per-sample gradient norms are skipped; pass output_transform=... (tuple or dict "
-                "outputs) or loss_fn=..."
-            )
-            return None
-        low, high = int(y.min()), int(y.max())
-        if low < 0 or high >= scores.shape[1]:
-            rank_zero_warn(
-                f"AnomalyFilterCallback: the probe labels span {low}..{high} but the model gives {scores.shape[1]} "
-                f"class scores: {skip}"
-            )
-            return None
-        return y.long()
+        targets, why = gradient_targets(
+            self._probe[1],
+            out,
+            custom_loss=self.loss_fn is not None,
+            output_transform=self.output_transform,
+            trainable=any(p.requires_grad for p in pl_module.parameters()),
+        )
+        if why is not None:
+            rank_zero_warn(f"AnomalyFilterCallback: {why}")
+        return targets
 
     def _load_probe(self, trainer: Trainer) -> tuple[Tensor, Tensor | None]:
-        dataset = self._train_dataset(trainer)
+        dataset = map_style_dataset(trainer.train_dataloader)
         with isolate_rng():
             # Random transforms of the dataset draw from the global RNG: make them repeatable.
             torch.manual_seed(self.seed)
@@ -798,43 +757,18 @@ class AnomalyFilterCallback(Callback):
                     f"has {len(dataset)} items; resume with the training data of the checkpoint, or start a new fit"
                 )
             x, y = read_probe(dataset, self.probe_indices)
-            bad = _non_finite_rows(x)
-            if bad:
-                dropped = [self.probe_indices[i] for i in bad]
+            x, y, self.probe_indices, dropped = drop_non_finite(x, y, self.probe_indices)
+            if dropped:
                 rank_zero_warn(
-                    f"AnomalyFilterCallback: {len(bad)} probe samples hold NaN or Inf (dataset indices "
-                    f"{dropped[:10]}{' ...' if len(bad) > 10 else ''}); they are left out of the probe"
+                    f"AnomalyFilterCallback: {len(dropped)} probe samples hold NaN or Inf (dataset indices "
+                    f"{dropped[:10]}{' ...' if len(dropped) > 10 else ''}); they are left out of the probe"
                 )
-                skip = set(bad)
-                keep = [i for i in range(len(x)) if i not in skip]
-                self.probe_indices = [self.probe_indices[i] for i in keep]
-                x, y = x[keep], None if y is None else y[keep]
             if len(self.probe_indices) < self.criteria.min_probe_size:
                 raise ValueError(
                     f"the training dataset gives a probe of {len(self.probe_indices)} usable samples, fewer than "
                     f"max(k_range)+1={self.criteria.min_probe_size}; use more data or a smaller k_range"
                 )
             return x, y
-
-    @staticmethod
-    def _train_dataset(trainer: Trainer) -> Any:
-        from torch.utils.data import IterableDataset
-
-        loaders: Any = trainer.train_dataloader
-        while isinstance(loaders, (list, tuple, dict)) and loaders:
-            loaders = next(iter(loaders.values())) if isinstance(loaders, dict) else loaders[0]
-        dataset = getattr(loaders, "dataset", None)
-        if (
-            dataset is None
-            or isinstance(dataset, IterableDataset)
-            or not hasattr(dataset, "__len__")
-            or not hasattr(dataset, "__getitem__")
-        ):
-            raise ValueError(
-                "AnomalyFilterCallback needs a map-style training dataset (with __len__ and __getitem__) to draw "
-                f"its probe from, got {type(dataset).__name__}; pass probe=(inputs, targets) instead"
-            )
-        return dataset
 
     # ----------------------------------------------------------------- results and logging
     def top_outliers(self, k: int = 10) -> list[int]:
