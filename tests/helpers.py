@@ -205,7 +205,11 @@ class ScriptedMonitor(AnomalyFilterCallback):
         epoch = trainer.current_epoch
         if trainer.sanity_checking or (epoch + 1) % self.every_n_epochs:
             return None
-        if not self.history or self.history[-1]["epoch"] != epoch:
-            count = self.counts[epoch] if epoch < len(self.counts) else 0
-            self.history.append({"epoch": epoch, "anomaly_count": count})
-        return SimpleNamespace(anomaly_count=self.history[-1]["anomaly_count"])
+        if self.history and self.history[-1]["epoch"] == epoch:
+            return SimpleNamespace(anomaly_count=self.history[-1]["anomaly_count"])
+        count = self.counts[epoch] if epoch < len(self.counts) else 0
+        entry = {"epoch": epoch, "anomaly_count": count}
+        self.history.append(entry)
+        report = SimpleNamespace(anomaly_count=count)
+        self._notify_observers(trainer, pl_module, report, entry)  # as a real analysis does
+        return report

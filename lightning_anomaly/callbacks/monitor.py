@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.distributed as dist
@@ -43,7 +43,22 @@ from lightning_anomaly.probe import (
 )
 from lightning_anomaly.report import AnalysisReport, merge_reports
 
-__all__ = ["AnomalyFilterCallback"]
+__all__ = ["AnalysisObserver", "AnomalyFilterCallback"]
+
+
+class AnalysisObserver(Protocol):
+    """What :meth:`AnomalyFilterCallback.add_observer` accepts (the pruning callback is one)."""
+
+    def wants_analysis(self, trainer: Trainer, pl_module: LightningModule) -> bool:
+        """Whether this epoch must be analysed, even when ``max_overhead`` would skip it."""
+        ...
+
+    def on_analysis(
+        self, trainer: Trainer, pl_module: LightningModule, report: AnalysisReport
+    ) -> dict[str, Any] | None:
+        """A new report; a returned dict is added to its history entry."""
+        ...
+
 
 DEFAULT_MAX_OVERHEAD: float | None = None
 DEFAULT_NUM_THREADS: int | None = None
@@ -259,6 +274,7 @@ class AnomalyFilterCallback(Callback):
         self.num_threads = num_threads
 
         self.history: list[HistoryEntry] = []
+        self._observers: list[AnalysisObserver] = []
         self.skipped_epochs: list[int] = []
         self.last_report: AnalysisReport | None = None
         self.probe_indices: list[int] | None = None
@@ -422,7 +438,28 @@ class AnomalyFilterCallback(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.analysis_for_epoch(trainer, pl_module)
+        # Every rank asks every observer (they may read synced metrics, a collective); rank 0's view decides.
+        wants = [observer.wants_analysis(trainer, pl_module) for observer in self._observers]
+        force = bool(rank_zero_decides(trainer, lambda: any(wants))) if wants else False
+        self.analysis_for_epoch(trainer, pl_module, force=force)
+
+    def add_observer(self, observer: AnalysisObserver) -> None:
+        """Have ``observer`` consulted before each epoch-end analysis and told each new report.
+
+        ``observer.wants_analysis(trainer, pl_module) -> bool`` runs at every training epoch end on
+        every rank; ``True`` (rank 0's answer) analyses this epoch even when ``max_overhead`` would
+        skip it. ``observer.on_analysis(trainer, pl_module, report)`` runs on every rank after each new
+        analysis, before the history is written; a dict it returns is added to this analysis's history
+        entry (the pruning callback adds its ``prune_event``). Adding an observer twice has no effect.
+        """
+        if all(observer is not other for other in self._observers):
+            self._observers.append(observer)
+
+    def _notify_observers(self, trainer: Trainer, pl_module: LightningModule, report: Any, entry: HistoryEntry) -> None:
+        for observer in self._observers:
+            extra = observer.on_analysis(trainer, pl_module, report)
+            if extra:
+                entry.update(extra)  # type: ignore[typeddict-item]
 
     def analysis_for_epoch(
         self, trainer: Trainer, pl_module: LightningModule, force: bool = False
@@ -430,8 +467,8 @@ class AnomalyFilterCallback(Callback):
         """This epoch's report: analysed and recorded on the first call, reused afterwards.
 
         Returns ``None`` when no analysis is scheduled this epoch, or when ``max_overhead`` skips
-        it. Other callbacks (the pruning callback) call this, so the order of callbacks in the
-        Trainer does not matter.
+        it. The monitor calls it at each training epoch end; observers (:meth:`add_observer`) hear of
+        each new report.
 
         Args:
             trainer: The Trainer.
@@ -607,7 +644,7 @@ class AnomalyFilterCallback(Callback):
         assert self._probe is not None
         x = self._probe[0]
         targets = self._grad_targets
-        forward = self._forward(trainer)
+        forward = self.probe_forward(trainer)
         progress = None
         if trainer.progress_bar_callback is not None and trainer.is_global_zero and len(layers) > 1:
             from tqdm.auto import tqdm
@@ -660,8 +697,12 @@ class AnomalyFilterCallback(Callback):
 
         self._probe, self.probe_indices = rank_zero_decides(trainer, compute)
 
-    def _forward(self, trainer: Trainer) -> Callable[[Any, Tensor], Any]:
-        """How the probe goes through the model: ``forward_fn`` or ``model(x)``, as in training."""
+    def probe_forward(self, trainer: Trainer) -> Callable[[Any, Tensor], Any]:
+        """How the probe goes through the model: ``forward_fn`` or ``model(x)``, as in training.
+
+        Returns ``(model, inputs) -> output``, run under the Trainer's precision context. Observers
+        (the pruning callback) use it to trace the model with the probe exactly as the analysis does.
+        """
         user_forward = self.forward_fn
 
         def forward(model: Any, inputs: Tensor) -> Any:
@@ -687,7 +728,7 @@ class AnomalyFilterCallback(Callback):
                 modules[name].register_forward_hook(lambda *_, name=name: ran.add(name)) for name in self._layer_names
             ]
             with isolate_rng():  # hooked_forward removes the hooks, also when the forward raises
-                out = hooked_forward(pl_module, inputs, handles, self._forward(trainer))
+                out = hooked_forward(pl_module, inputs, handles, self.probe_forward(trainer))
         except NotImplementedError as err:
             raise _no_forward(pl_module) from err
         except Exception as err:
@@ -831,6 +872,7 @@ class AnomalyFilterCallback(Callback):
             metrics={**self._metric_snapshot(trainer), **logged},
         )
         self.history.append(entry)
+        self._notify_observers(trainer, pl_module, report, entry)
         for name, value in scalars.items():
             # The same value on every rank: sync_dist with "max" keeps Lightning's epoch-level reduction
             # quiet and exact (a mean over 3 ranks need not give the value back in float32).

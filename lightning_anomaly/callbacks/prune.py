@@ -218,6 +218,7 @@ class AnomalyPruneCallback(Callback):
         if max_prunes is not None and max_prunes < 1:
             raise ValueError(f"max_prunes must be >= 1 or None, got {max_prunes!r}")
         self.monitor = monitor if monitor is not None else AnomalyFilterCallback(history_file=None)
+        self.monitor.add_observer(self)  # it asks before each analysis and tells each report
         self._owns_monitor = monitor is None
         self.trigger = trigger
         self.patience: int = patience if patience is not None else (2 if trigger == "count" else 3)
@@ -422,24 +423,31 @@ class AnomalyPruneCallback(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._owns_monitor:
+            self.monitor.on_train_epoch_end(trainer, pl_module)  # which consults this callback
+
+    def wants_analysis(self, trainer: Trainer, pl_module: LightningModule) -> bool:
+        """Observer hook, before the monitor's analysis: update the trigger; is this epoch's report needed?
+
+        Called by the monitor on every rank at each training epoch end. A trigger that is due needs this
+        epoch's report even when the monitor's ``max_overhead`` budget would skip it.
+        """
         if self.trigger == "overfit":
             # Read here, before the analysis: a misnamed metric fails in the first epoch, not after a probe.
             self._update_overfit(trainer)
-        # A trigger that is due needs this epoch's report even when the monitor's max_overhead budget
-        # would skip it; rank 0's view decides, so every rank makes the same call.
-        due = (self.trigger == "overfit" and self._armed is not None) or (
+        return (self.trigger == "overfit" and self._armed is not None) or (
             self.trigger == "epochs" and trainer.current_epoch in set(self.epochs or ())
         )
-        force = bool(rank_zero_decides(trainer, lambda: due))
-        report = self.monitor.analysis_for_epoch(trainer, pl_module, force=force)
-        if report is None:
-            return
+
+    def on_analysis(self, trainer: Trainer, pl_module: LightningModule, report: Any) -> dict[str, Any] | None:
+        """Observer hook, after each new analysis: decide (rank 0), mask, log; the event goes into the history."""
         # Read on every rank: metrics logged with sync_dist are reduced on first read, a collective that
         # hangs when only rank 0 makes it.
         self._snapshot = self._metric_snapshot(trainer)
         decision = rank_zero_decides(trainer, lambda: self._should_prune(trainer))
         event = self._prune(trainer, pl_module, report, decision) if decision is not None else None
         self._log(trainer, pl_module, event)
+        return None if event is None else {"prune_event": cast(PruneEvent, event)}
 
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -641,7 +649,7 @@ class AnomalyPruneCallback(Callback):
             if probe is not None:  # the probe goes in as the monitor sends it: dtype, forward_fn, precision
                 x = model_inputs(pl_module, probe[0][:2])
                 with isolate_rng():
-                    found = find_following_batchnorm(pl_module, x, unknown, forward=self.monitor._forward(trainer))
+                    found = find_following_batchnorm(pl_module, x, unknown, forward=self.monitor.probe_forward(trainer))
                 self.batchnorms.update(found)
         for name, channels in chosen.items():
             n_out = dict(pl_module.named_modules())[name].out_channels
@@ -663,9 +671,6 @@ class AnomalyPruneCallback(Callback):
         if why["reason"] in ("val_stalled", "gap"):
             # A new stall must build up after this prune; the best validation value still stands.
             self._armed, self._stalled, self._train_at_best = None, 0, self._last_train
-        history = self.monitor.history
-        if history and history[-1]["epoch"] == event["epoch"]:
-            history[-1]["prune_event"] = cast(PruneEvent, event)  # the report marks prune events from the history
         if self.verbose:
             rank_zero_info(
                 f"[prune] epoch {event['epoch']} ({event['reason']}): masked {event['n_pruned']} filters "
