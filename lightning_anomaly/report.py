@@ -31,24 +31,31 @@ _CLUSTERING_SETTINGS = (
     "class_conditional",
 )
 
-_TENSOR_FIELDS = (
-    "k",
-    "ch",
-    "activation",
-    "min_cluster_size",
-    "degenerate",
-    "reason",
-    "explained",
-    "converged",
-    "unbalanced",
-    "high_ch",
-    "high_activation",
-    "anomaly",
-    "class_selective",
-    "separation",
-    "separated",
-    "labels",
-)
+#: Per-filter tensors of a LayerReport and their dtypes: one table for to_dict and from_dict.
+_TENSOR_DTYPES: dict[str, torch.dtype] = {
+    "k": torch.long,
+    "ch": torch.float64,
+    "activation": torch.float64,
+    "min_cluster_size": torch.long,
+    "degenerate": torch.bool,
+    "reason": torch.int8,
+    "explained": torch.float32,
+    "converged": torch.bool,
+    "unbalanced": torch.bool,
+    "high_ch": torch.bool,
+    "high_activation": torch.bool,
+    "anomaly": torch.bool,
+    "class_selective": torch.bool,
+    "separation": torch.float64,
+    "separated": torch.bool,
+    "labels": torch.int8,
+}
+#: The plotted points, kept for a few filters only.
+_POINT_DTYPES: dict[str, torch.dtype] = {
+    "point_filters": torch.long,
+    "points": torch.float32,
+    "point_labels": torch.int8,
+}
 
 
 @dataclass
@@ -187,7 +194,7 @@ class LayerReport:
             "ch_typical": _plain_float(self.ch_typical),
             "activation_typical": _plain_float(self.activation_typical),
         }
-        for f in (*_TENSOR_FIELDS, "point_filters", "points", "point_labels"):
+        for f in (*_TENSOR_DTYPES, *_POINT_DTYPES):
             if f == "labels" and not labels:
                 continue
             t: Tensor = getattr(self, f)
@@ -197,27 +204,9 @@ class LayerReport:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerReport:
         """Inverse of :meth:`to_dict` (either tensor form)."""
-        dtypes = {
-            "k": torch.long,
-            "ch": torch.float64,
-            "activation": torch.float64,
-            "min_cluster_size": torch.long,
-            "degenerate": torch.bool,
-            "reason": torch.int8,
-            "explained": torch.float32,
-            "converged": torch.bool,
-            "unbalanced": torch.bool,
-            "high_ch": torch.bool,
-            "high_activation": torch.bool,
-            "anomaly": torch.bool,
-            "class_selective": torch.bool,
-            "separation": torch.float64,
-            "separated": torch.bool,
-            "labels": torch.int8,
-        }
         c = int(data["n_filters"])
         fields: dict[str, Any] = {}
-        for f, dt in dtypes.items():
+        for f, dt in _TENSOR_DTYPES.items():
             v = data.get(f)
             if v is None:
                 fields[f] = torch.full((c, 0), -1, dtype=dt) if f == "labels" else torch.zeros(c, dtype=dt)
@@ -226,7 +215,7 @@ class LayerReport:
             else:
                 fields[f] = torch.tensor([math.nan if e is None else e for e in v] if f == "ch" else v, dtype=dt)
         extras: dict[str, Any] = {}
-        for f, dt in (("point_filters", torch.long), ("points", torch.float32), ("point_labels", torch.int8)):
+        for f, dt in _POINT_DTYPES.items():
             if data.get(f) is not None:
                 v = data[f]
                 extras[f] = v.to(dt) if isinstance(v, Tensor) else torch.tensor(v, dtype=dt)
