@@ -285,3 +285,32 @@ def test_num_threads_holds_during_the_analysis_and_is_restored(tmp_path, num_thr
 def test_num_threads_must_be_a_positive_int(bad):
     with pytest.raises(ValueError, match="num_threads must be None or an int >= 1"):
         AnomalyFilterCallback(num_threads=bad)
+
+
+class Watcher:
+    """A user's own observer: asks for an analysis at epoch 2 and tags every report it hears of."""
+
+    def __init__(self) -> None:
+        self.asked: list[int] = []
+        self.heard: list[int] = []
+
+    def wants_analysis(self, trainer, pl_module):
+        self.asked.append(trainer.current_epoch)
+        return trainer.current_epoch == 2
+
+    def on_analysis(self, trainer, pl_module, report):
+        self.heard.append(trainer.current_epoch)
+        return {"watcher_note": f"{report.anomaly_count} flags"}
+
+
+def test_an_observer_is_asked_every_epoch_forces_an_analysis_and_annotates_the_history(tmp_path):
+    # A budget so small that only the first and last epochs would be analysed; the observer wants epoch 2.
+    monitor = SlowMonitor(probe_size=32, history_file=None, max_overhead=0.01)
+    watcher = Watcher()
+    monitor.add_observer(watcher)
+    monitor.add_observer(watcher)  # twice: still one observer
+    trainer = Trainer(default_root_dir=tmp_path, max_epochs=5, callbacks=[monitor], logger=False, **FAST)
+    trainer.fit(PacedNet())
+    assert watcher.asked == [0, 1, 2, 3, 4]
+    assert [h["epoch"] for h in monitor.history] == [0, 2, 4] == watcher.heard
+    assert all(h["watcher_note"].endswith(" flags") for h in monitor.history)
