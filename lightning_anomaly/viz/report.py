@@ -76,7 +76,7 @@ def _ch_over_epochs(plt: Any, history: list[dict[str, Any]], epochs: list[int] |
     layers = list(chosen[-1]["layer_ch_hist"])[:12]
     cols = min(4, len(layers))
     rows = math.ceil(len(layers) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, 2.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, 2.4 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, layer in zip(axes.flat, layers, strict=False):
@@ -85,9 +85,9 @@ def _ch_over_epochs(plt: Any, history: list[dict[str, Any]], epochs: list[int] |
             hist = h["layer_ch_hist"].get(layer)
             if hist:
                 ax.stairs(hist["counts"], hist["edges"], color=f"C{i}", label=f"epoch {h['epoch']}")
-        ax.set_title(layer, fontsize=7)
-        ax.tick_params(labelsize=6)
-    axes.flat[0].legend(fontsize=6)
+        ax.set_title(layer, fontsize=9)
+        ax.tick_params(labelsize=8)
+    axes.flat[0].legend(fontsize=8)
     fig.suptitle("log10 CH per filter, by layer, at chosen epochs", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     return fig
@@ -171,8 +171,13 @@ def _figures(
     last = doc.get("last_report")
     if last:
         n = len(last["layers"])
-        fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.4), squeeze=False)
-        for ax, layer in zip(axes[0], last["layers"], strict=True):
+        cols = min(4, n)  # a grid: one row of 20 layers would be scaled down to unreadable
+        fig, axes = plt.subplots(
+            math.ceil(n / cols), cols, figsize=(2.8 * cols, 2.4 * math.ceil(n / cols)), squeeze=False
+        )
+        for ax in axes.flat[n:]:
+            ax.axis("off")
+        for ax, layer in zip(axes.flat, last["layers"], strict=False):
             ch = [c for c, d in zip(layer["ch"], layer["degenerate"], strict=True) if c is not None and not d and c > 0]
             flagged = [c for c, a in zip(layer["ch"], layer["anomaly"], strict=True) if a and c is not None and c > 0]
             if ch:
