@@ -90,7 +90,7 @@ def stage_times(net, probe) -> dict:
 def measure(name, make_model, train, val, epochs, batch_size, probe_size, stages=False, base=None, **monitor_kw):
     if base is None:
         base, _ = timed_fit(make_model, train, val, epochs, None, batch_size)
-    monitor = AnomalyFilterCallback(probe_size=probe_size, **monitor_kw)
+    monitor = AnomalyFilterCallback(probe_size=probe_size, history_file=None, **monitor_kw)
     watched, net = timed_fit(make_model, train, val, epochs, monitor, batch_size)
     analysis = sum(h["seconds"] or 0.0 for h in monitor.history)
     out = {

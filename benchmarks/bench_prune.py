@@ -53,13 +53,13 @@ def fit(arm: str, data: dict, seed: int, epochs: int, prune_epoch: int | None, a
     callbacks = []
     pruner = None
     if arm == "anomaly":
-        monitor = AnomalyFilterCallback(probe_size=256, seed=seed, criteria=AnomalyCriteria())
+        monitor = AnomalyFilterCallback(probe_size=256, seed=seed, criteria=AnomalyCriteria(), history_file=None)
         pruner = AnomalyPruneCallback(
             monitor, trigger="epochs", epochs=[prune_epoch], max_fraction_per_layer=0.2, max_total_fraction=0.1
         )
         callbacks = [monitor, pruner]
     elif arm == "overfit":
-        monitor = AnomalyFilterCallback(probe_size=256, seed=seed)
+        monitor = AnomalyFilterCallback(probe_size=256, seed=seed, history_file=None)
         pruner = AnomalyPruneCallback(monitor)  # the defaults: trigger "overfit"
         callbacks = [monitor, pruner]
     elif arm == "modelpruning":
