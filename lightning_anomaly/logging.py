@@ -147,3 +147,12 @@ def custom_scalars_layout(metrics: Sequence[str], prefix: str = "anomaly/") -> d
     ]
     charts["anomaly filters per layer"] = ["Multiline", [rf"{p}count/.+$"]]
     return {"lightning-anomaly": charts}
+
+
+def epoch_scalar_step(trainer: Any) -> int:
+    """The step at which Lightning logs this epoch's epoch-level scalars, for other records to line up with.
+
+    Lightning logs them at the number of optimizer steps taken minus one (the last step of the epoch).
+    """
+    stepped = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+    return max(int(stepped) - 1, 0)

@@ -28,6 +28,7 @@ from lightning_anomaly.engine.gradients import per_sample_grad_norms
 from lightning_anomaly.history import HistoryEntry, history_entry, write_history
 from lightning_anomaly.logging import (
     custom_scalars_layout,
+    epoch_scalar_step,
     guess_layout_metrics,
     report_scalars,
     tensorboard_histograms,
@@ -904,8 +905,7 @@ class AnomalyFilterCallback(Callback):
         experiment = logger.experiment
         if self.log_histograms:
             # The step Lightning gives this epoch's scalars, so histograms and scalars line up.
-            stepped = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
-            tensorboard_histograms(experiment, report, max(int(stepped) - 1, 0), self.prefix)
+            tensorboard_histograms(experiment, report, epoch_scalar_step(trainer), self.prefix)
         if not self._layout_written:
             names = self.layout_metrics or guess_layout_metrics(list(trainer.callback_metrics), self.prefix)
             experiment.add_custom_scalars(custom_scalars_layout(names, self.prefix))

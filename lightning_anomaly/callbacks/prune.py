@@ -27,6 +27,7 @@ from lightning_anomaly.engine.masking import (
     fold_pruned_state_dict,
 )
 from lightning_anomaly.history import HistoryEntry, PruneEvent
+from lightning_anomaly.logging import epoch_scalar_step
 from lightning_anomaly.report import AnalysisReport
 
 __all__ = ["TRIGGER_CONSTRAINTS", "AnomalyPruneCallback"]
@@ -695,7 +696,9 @@ class AnomalyPruneCallback(Callback):
             )
             for lg in trainer.loggers:
                 if isinstance(lg, TensorBoardLogger):
-                    lg.experiment.add_text(f"{self.prefix}event", text, trainer.global_step)
+                    lg.experiment.add_text(
+                        f"{self.prefix}event", text, epoch_scalar_step(trainer)
+                    )  # beside the scalars
 
 
 def _is_masked(model: nn.Module, conv_name: str, keep: Tensor) -> bool:

@@ -309,3 +309,19 @@ def test_make_permanent_folds_only_our_masks(tmp_path):
     assert pruner.n_pruned > 0
     assert hasattr(model.head, "weight_mask")  # the user's
     assert not any(hasattr(m, "weight_mask") for m in (model.conv1, model.conv2, model.bn1))
+
+
+def test_the_prune_text_event_sits_at_the_step_of_its_epochs_scalars(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    seed_everything(0)
+    monitor, pruner = make()
+    logger = TensorBoardLogger(tmp_path, name="", version=0)
+    Trainer(default_root_dir=tmp_path, max_epochs=2, callbacks=[monitor, pruner], logger=logger, **FAST).fit(Net())
+    assert pruner.events, "the test needs a prune at epoch 1"
+    acc = EventAccumulator(str(tmp_path / "version_0"), size_guidance={"tensors": 0})
+    acc.Reload()
+    (text,) = acc.Tensors("prune/event/text_summary")
+    steps = [e.step for e in acc.Scalars("prune/pruned")]
+    assert text.step == steps[1]  # epoch 1's scalars, not one step later
