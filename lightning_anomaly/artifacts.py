@@ -59,12 +59,36 @@ def tiny_members(point_labels: Sequence[int]) -> list[int]:
     return (labels == int(counts.argmin())).nonzero().flatten().tolist()
 
 
+def scatter_images(
+    picks: Sequence[tuple[float, dict, int, int]], per_filter: int = IMAGES_PER_FILTER
+) -> list[list[int]]:
+    """Which tiny-cluster members to show beside each picked filter's scatter.
+
+    Members not shown beside an earlier scatter come first, so filters that single out the same group
+    show different samples of it rather than the same few again.
+
+    Example::
+
+        >>> picks = [(9.0, {"point_labels": [[0, 1, 1, 0, 1]]}, 0, 3), (8.0, {"point_labels": [[1, 0, 0, 1, 0]]}, 0, 4)]
+        >>> scatter_images(picks, per_filter=1)
+        [[0], [3]]
+    """
+    seen: set[int] = set()
+    out = []
+    for _, layer, j, _ in picks:
+        members = tiny_members(layer["point_labels"][j])
+        chosen = ([m for m in members if m not in seen] + [m for m in members if m in seen])[:per_filter]
+        seen.update(chosen)
+        out.append(chosen)
+    return out
+
+
 def shown_samples(last_report: dict[str, Any] | None, top_outliers: Sequence[int]) -> list[int]:
     """Probe positions whose images the report shows: the gallery and each scatter's tiny cluster."""
     shown = set(list(top_outliers)[:GALLERY_SIZE])
     if last_report:
-        for _, layer, j, _ in scatter_picks(last_report):
-            shown.update(tiny_members(layer["point_labels"][j])[:IMAGES_PER_FILTER])
+        for images in scatter_images(scatter_picks(last_report)):
+            shown.update(images)
     return sorted(shown)
 
 

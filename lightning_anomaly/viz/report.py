@@ -19,6 +19,7 @@ from lightning_anomaly.artifacts import (
     PROBE_FILE,
     THUMBNAILS_FILE,
     samples_from_thumbnails,
+    scatter_images,
     scatter_picks,
     tiny_members,
 )
@@ -243,7 +244,8 @@ def _scatter(plt: Any, last: dict[str, Any], probe: dict[str, Any] | None = None
     for ax in axes.flat:
         ax.axis("off")
     slots = [list(row) for row in axes] if shown else [[ax] for ax in axes.flat]
-    for row, (ratio, layer, j, f) in zip(slots, chosen, strict=False):
+    images = scatter_images(chosen)
+    for row, (ratio, layer, j, f), picked in zip(slots, chosen, images, strict=False):
         ax = row[0]
         pts = torch.tensor(layer["points"][j], dtype=torch.float32)
         members = tiny_members(layer["point_labels"][j])
@@ -258,7 +260,7 @@ def _scatter(plt: Any, last: dict[str, Any], probe: dict[str, Any] | None = None
         ax.set_xticks([])
         ax.set_yticks([])
         if probe is not None:
-            for img_ax, i in zip(row[1:], [i for i in members if _has(probe, i)], strict=False):
+            for img_ax, i in zip(row[1:], [i for i in picked if _has(probe, i)], strict=False):
                 _show(img_ax, probe, i)
     fig.suptitle(
         "filters that single samples out most (anomaly filters first): PCA space, tiny cluster in red", fontsize=9
