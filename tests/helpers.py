@@ -7,7 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -213,3 +213,19 @@ class ScriptedMonitor(AnomalyFilterCallback):
         report = SimpleNamespace(anomaly_count=count)
         self._notify_observers(trainer, pl_module, report, entry)  # as a real analysis does
         return report
+
+
+class SyncedExit(Callback):
+    """Spawned DDP workers leave together: a barrier, then the process group is destroyed on every rank.
+
+    Without it, a rank that exits first (Lightning destroys the group in an atexit handler) can close
+    gloo's connections while the other rank still tears its group down; that rank then aborts with
+    "terminate called without an active exception" (SIGABRT) after a fit that passed. Add it last.
+    """
+
+    def teardown(self, trainer, pl_module, stage):
+        import torch.distributed as dist
+
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            trainer.strategy.barrier("synced-exit")
+            dist.destroy_process_group()

@@ -6,7 +6,7 @@ import torch.distributed
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
 
-from tests.helpers import Net, RecordingMonitor
+from tests.helpers import Net, RecordingMonitor, SyncedExit
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 
@@ -19,7 +19,7 @@ def ddp_trainer(tmp_path, callbacks, max_epochs=2, logger=False, checkpointing=F
         devices=2,
         max_epochs=max_epochs,
         logger=logger,
-        callbacks=callbacks,
+        callbacks=[*callbacks, SyncedExit()],
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=checkpointing,

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_anomaly import AnomalyFilterCallback
-from tests.helpers import FAST, Net
+from tests.helpers import FAST, Net, SyncedExit
 
 SLOW = 0.5  # wall seconds every analysis takes at least: several epochs' worth
 STEP = 0.02  # wall seconds every training step takes at least (6 steps an epoch): a floor under training time
@@ -223,7 +223,7 @@ def test_ranks_follow_rank_zeros_decision(tmp_path):
         accelerator="cpu",
         devices=2,
         max_epochs=4,
-        callbacks=[monitor],
+        callbacks=[monitor, SyncedExit()],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
