@@ -493,14 +493,20 @@ class AnomalyFilterCallback(Callback):
                 return None
             start = time.perf_counter()
             report = self.run_analysis(trainer, pl_module)
-            # The whole analysis as the fit feels it: clustering, gradient norms, DDP exchange.
-            report = replace(report, seconds=rank_zero_decides(trainer, lambda: time.perf_counter() - start))
-            assert self._clock is not None
-            spent = self._monitor_seconds + (time.perf_counter() - self._clock)
-            share: float | None = spent / (self._train_seconds + spent)
-            # Rank 0 decides, so its share is the one every rank logs and records. Logging and writing
-            # the history below are the monitor's cost too: counted from the next share on.
-            share = rank_zero_decides(trainer, lambda: share)
+            clock = self._clock
+            assert clock is not None
+
+            def timing() -> tuple[float, float]:
+                # The whole analysis as the fit feels it (clustering, gradient norms, DDP exchange), and the
+                # monitor's cumulative share. Logging and writing the history below are the monitor's cost
+                # too: counted from the next share on.
+                now = time.perf_counter()
+                spent = self._monitor_seconds + (now - clock)
+                return now - start, spent / (self._train_seconds + spent)
+
+            # Rank 0's clock decides, so every rank logs and records the same values.
+            seconds, share = rank_zero_decides(trainer, timing)
+            report = replace(report, seconds=seconds)
             self._analysed_epoch = epoch
             self._record(trainer, pl_module, report, share)
             self._last_analysis_seconds = time.perf_counter() - start
@@ -891,8 +897,10 @@ class AnomalyFilterCallback(Callback):
                 if isinstance(lg, TensorBoardLogger):
                     self._tensorboard(trainer, lg, report)
         path = self.history_path(trainer)
-        self._write_history(trainer, path)
-        self._write_thumbnails(trainer, path, report)
+        if path is not None and trainer.is_global_zero:
+            last = report.to_dict(tensors="list", labels=False)  # once, for the history and the thumbnails
+            self._write_history(trainer, path, last)
+            self._write_thumbnails(path, report, last)
         if self.verbose:
             ratio = summary["gradient_ratio"]
             rank_zero_info(
@@ -957,25 +965,26 @@ class AnomalyFilterCallback(Callback):
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"inputs": x, "targets": y, "indices": self.probe_indices}, path.with_name(PROBE_FILE))
 
-    def _write_thumbnails(self, trainer: Trainer, path: Path | None, report: AnalysisReport) -> None:
+    def _write_thumbnails(self, path: Path, report: AnalysisReport, last: dict[str, Any]) -> None:
         """Small images of the samples the report will show (when the whole probe is not saved)."""
-        if path is None or self.save_probe or self._probe is None or not trainer.is_global_zero:
+        if self.save_probe or self._probe is None:
             return
         x, y = self._probe
-        last = report.to_dict(tensors="list", labels=False)
         positions = shown_samples(last, report.top_outliers())
         torch.save(thumbnail_document(x, y, self.probe_indices, positions), path.with_name(THUMBNAILS_FILE))
 
-    def _write_history(self, trainer: Trainer, path: Path | None) -> None:
+    def _write_history(self, trainer: Trainer, path: Path | None, last: dict[str, Any] | None = None) -> None:
         # ``path`` comes from history_path, which every rank must call (Trainer.log_dir is a collective
-        # under DDP). Only rank 0 writes.
+        # under DDP). Only rank 0 writes. ``last``: the last report's plain view, when the caller has it.
         if path is None or not trainer.is_global_zero:
             return
+        if last is None and self.last_report is not None:
+            last = self.last_report.to_dict(tensors="list", labels=False)
         write_history(
             path,
             history=self.history,
             criteria=self.criteria.to_dict(),
             state_key=self.state_key,
             probe_indices=self.probe_indices,
-            last_report=None if self.last_report is None else self.last_report.to_dict(tensors="list", labels=False),
+            last_report=last,
         )

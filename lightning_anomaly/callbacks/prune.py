@@ -627,21 +627,20 @@ class AnomalyPruneCallback(Callback):
         self, trainer: Trainer, pl_module: LightningModule, report: AnalysisReport, why: dict[str, Any]
     ) -> dict[str, Any] | None:
         chosen = self.select_filters(report, pl_module)
-        if not chosen:
-            epoch = int(trainer.current_epoch)
-            if not self.unmasked or self.unmasked[-1]["epoch"] != epoch:
-                why = {**why, "why_unmasked": self._why_nothing(report)}
-                self.unmasked.append(
-                    {
-                        "epoch": epoch,
-                        "global_step": int(trainer.global_step),
-                        "n_pruned": 0,
-                        "anomaly_count": report.anomaly_count,
-                        **why,
-                    }
+        if not chosen:  # the monitor tells each analysis once, so this is once per epoch
+            entry = {
+                "epoch": int(trainer.current_epoch),
+                "global_step": int(trainer.global_step),
+                "n_pruned": 0,
+                "anomaly_count": report.anomaly_count,
+                **why,
+                "why_unmasked": self._why_nothing(report),
+            }
+            self.unmasked.append(entry)
+            if self.verbose:
+                rank_zero_info(
+                    f"[prune] epoch {entry['epoch']} ({why['reason']}): the trigger fired; {entry['why_unmasked']}"
                 )
-                if self.verbose:
-                    rank_zero_info(f"[prune] epoch {epoch} ({why['reason']}): the trigger fired; {why['why_unmasked']}")
             return None
         unknown = [n for n in chosen if n not in self.batchnorms]
         if unknown:
@@ -696,9 +695,8 @@ class AnomalyPruneCallback(Callback):
             )
             for lg in trainer.loggers:
                 if isinstance(lg, TensorBoardLogger):
-                    lg.experiment.add_text(
-                        f"{self.prefix}event", text, epoch_scalar_step(trainer)
-                    )  # beside the scalars
+                    step = epoch_scalar_step(trainer)  # the step of this epoch's scalars
+                    lg.experiment.add_text(f"{self.prefix}event", text, step)
 
 
 def _is_masked(model: nn.Module, conv_name: str, keep: Tensor) -> bool:

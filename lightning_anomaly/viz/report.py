@@ -75,23 +75,28 @@ def _ch_over_epochs(plt: Any, history: list[dict[str, Any]], epochs: list[int] |
         picks = sorted({0, len(with_hist) // 2, len(with_hist) - 1})
         chosen = [with_hist[i] for i in picks]
     layers = list(chosen[-1]["layer_ch_hist"])[:12]
-    cols = min(4, len(layers))
-    rows = math.ceil(len(layers) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, 2.4 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, layer in zip(axes.flat, layers, strict=False):
-        ax.axis("on")
+    fig, axes = _grid(plt, len(layers), 4, (2.8, 2.4))
+    for ax, layer in zip(axes, layers, strict=True):
         for i, h in enumerate(chosen):
             hist = h["layer_ch_hist"].get(layer)
             if hist:
                 ax.stairs(hist["counts"], hist["edges"], color=f"C{i}", label=f"epoch {h['epoch']}")
         ax.set_title(layer, fontsize=9)
         ax.tick_params(labelsize=8)
-    axes.flat[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8)
     fig.suptitle("log10 CH per filter, by layer, at chosen epochs", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     return fig
+
+
+def _grid(plt: Any, n: int, max_cols: int, cell: tuple[float, float]) -> tuple[Any, list[Any]]:
+    """A figure of ``n`` panels in rows of at most ``max_cols``, each ``cell`` inches; unused panels hidden."""
+    cols = max(1, min(max_cols, n))
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cell[0] * cols, cell[1] * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, list(axes.flat[:n])
 
 
 def _integer_ticks() -> Any:
@@ -171,14 +176,9 @@ def _figures(
 
     last = doc.get("last_report")
     if last:
-        n = len(last["layers"])
-        cols = min(4, n)  # a grid: one row of 20 layers would be scaled down to unreadable
-        fig, axes = plt.subplots(
-            math.ceil(n / cols), cols, figsize=(2.8 * cols, 2.4 * math.ceil(n / cols)), squeeze=False
-        )
-        for ax in axes.flat[n:]:
-            ax.axis("off")
-        for ax, layer in zip(axes.flat, last["layers"], strict=False):
+        # A grid: one row of 20 layers would be scaled down to unreadable.
+        fig, axes = _grid(plt, len(last["layers"]), 4, (2.8, 2.4))
+        for ax, layer in zip(axes, last["layers"], strict=True):
             ch = [c for c, d in zip(layer["ch"], layer["degenerate"], strict=True) if c is not None and not d and c > 0]
             flagged = [c for c, a in zip(layer["ch"], layer["anomaly"], strict=True) if a and c is not None and c > 0]
             if ch:
@@ -213,12 +213,8 @@ def _figures(
         # The package's own ranking (AnalysisReport.top_outliers) at the last analysis.
         top = [i for i in list(history[-1]["top_outliers"])[:GALLERY_SIZE] if _has(probe, i)]
         if top:
-            cols = min(8, len(top))
-            rows = math.ceil(len(top) / cols)
-            fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.7 * rows), squeeze=False)
-            for ax in axes.flat:
-                ax.axis("off")
-            for ax, i in zip(axes.flat, top, strict=False):
+            fig, axes = _grid(plt, len(top), 8, (1.3, 1.7))
+            for ax, i in zip(axes, top, strict=True):
                 _show(ax, probe, i)
             fig.suptitle("most suspicious probe samples at the last analysis (top_outliers)", fontsize=9)
             fig.tight_layout(rect=(0, 0, 1, 0.95), h_pad=1.2)
