@@ -506,15 +506,36 @@ class AnomalyPruneCallback(Callback):
         if armed is not None and self._armed is not None:
             armed["armed_epoch"] = self._armed["armed_epoch"]  # still armed since then
         self._armed = armed
+        if self.verbose and armed is None:
+            rank_zero_info(
+                f"[prune] epoch {trainer.current_epoch}: waiting; {self._waiting_for(trainer.current_epoch, train)}"
+            )
+
+    def _arm_from(self) -> int:
+        """First epoch the trigger may arm: a warm-up at the start of the fit, and again after each prune."""
+        return self.warmup if not self.events else int(self.events[-1]["epoch"]) + 1 + self.warmup
+
+    def _gap(self, train: float, val: float) -> float:
+        """Train-val gap in the direction of ``mode`` (positive: training is better)."""
+        return train - val if self.mode == "max" else val - train
+
+    def _waiting_for(self, epoch: int, train: float) -> str:
+        """What the unarmed ``"overfit"`` trigger still waits for, in words (for ``verbose``)."""
+        if epoch < self._arm_from():
+            return f"warm-up until epoch {self._arm_from()}"
+        val = self._last_val
+        gap_text = "" if val is None else f", train-val gap {self._gap(train, val):.3f} (min_gap={self.min_gap})"
+        return (
+            f"{self.val_metric} has not improved for {self._stalled} of patience={self.patience} validations "
+            f"(best {self._best_val}){gap_text}"
+        )
 
     def _overfit_reason(self, epoch: int, train: float) -> dict[str, Any] | None:
         """The condition that arms ``"overfit"`` now, with the values it read, or ``None``."""
         val = self._last_val
-        # A warm-up at the start of the fit, and again after each prune: the pruned model needs time to adapt.
-        arm_from = self.warmup if not self.events else int(self.events[-1]["epoch"]) + 1 + self.warmup
-        if epoch < arm_from or val is None:
+        if epoch < self._arm_from() or val is None:
             return None
-        gap = train - val if self.mode == "max" else val - train
+        gap = self._gap(train, val)
         reason = None
         # Both need `patience` validations without improvement: one noisy dip early in a small-data fit,
         # where the gap is wide anyway, is not overfitting (an underfitting model has a gap too).

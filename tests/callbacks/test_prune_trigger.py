@@ -319,3 +319,16 @@ def test_metric_arguments_and_defaults():
         0,
     )
     assert AnomalyPruneCallback(trigger="count").patience == 2  # as before
+
+
+def test_verbose_says_what_an_unarmed_trigger_waits_for(tmp_path, caplog):
+    import logging
+
+    train = [0.30, 0.40, 0.50, 0.60, 0.62, 0.64]
+    val = [0.30, 0.40, 0.50, 0.60, 0.58, 0.59]  # best at epoch 3, then 2 validations without improvement
+    with caplog.at_level(logging.INFO):
+        fit(tmp_path, {"train_acc": train}, {"val_acc": val}, max_epochs=6, verbose=True)
+    lines = [r.getMessage() for r in caplog.records if "waiting" in r.getMessage()]
+    assert lines[0] == "[prune] epoch 0: waiting; warm-up until epoch 3"
+    assert lines[-1].startswith("[prune] epoch 5: waiting; val_acc has not improved for 2 of patience=3 validations")
+    assert "train-val gap 0.050 (min_gap=0.1)" in lines[-1]
