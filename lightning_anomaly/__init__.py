@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from lightning_anomaly.criteria import AnomalyCriteria
     from lightning_anomaly.engine.analyze import analyze
     from lightning_anomaly.engine.gradients import per_sample_grad_norms
-    from lightning_anomaly.report import AnalysisReport, LayerReport
+    from lightning_anomaly.results import AnalysisReport, LayerReport
 
 __version__ = "0.1.0"
 
@@ -38,11 +38,11 @@ __all__ = [
 
 # Public name -> the module that defines it. Keep in step with the TYPE_CHECKING imports above.
 _LAZY: dict[str, str] = {
-    "AnalysisReport": "lightning_anomaly.report",
+    "AnalysisReport": "lightning_anomaly.results",
     "AnomalyFilterCallback": "lightning_anomaly.callbacks",
     "AnomalyPruneCallback": "lightning_anomaly.callbacks",
     "AnomalyCriteria": "lightning_anomaly.criteria",
-    "LayerReport": "lightning_anomaly.report",
+    "LayerReport": "lightning_anomaly.results",
     "ablate_filters": "lightning_anomaly.ablation",
     "analyze": "lightning_anomaly.engine.analyze",
     "per_sample_grad_norms": "lightning_anomaly.engine.gradients",

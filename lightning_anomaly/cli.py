@@ -36,7 +36,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from lightning_anomaly.viz.report import build_report
+    from lightning_anomaly.viz.page import build_report
 
     try:
         epochs = [int(e) for e in args.epochs.split(",")] if args.epochs else None

@@ -24,14 +24,18 @@ class _Rule:
     low_open: bool = False
     choices: tuple[Any, ...] | None = None
     hint: str = ""
+    optional: bool = False  # None is allowed too
 
     def describe(self) -> str:
+        either = "None or " if self.optional else ""
         if self.choices is not None:
-            return "one of " + ", ".join(repr(c) for c in self.choices)
+            return either + "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.low is None and self.high is None:
+            return either + _kind_name(self.kind)
         lo = "(" if self.low_open else "["
         low = "-inf" if self.low is None else f"{self.low:g}"
         high = "inf" if self.high is None else f"{self.high:g}"
-        return f"{_kind_name(self.kind)} in {lo}{low}, {high}]"
+        return f"{either}{_kind_name(self.kind)} in {lo}{low}, {high}]"
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
@@ -87,12 +91,16 @@ def check_setting(name: str, value: Any, table: dict[str, _Rule] | None = None) 
     ``table`` is :data:`CONSTRAINTS` by default; the pruning callback passes its own.
     """
     rule = (CONSTRAINTS if table is None else table)[name]
+    if value is None and rule.optional:
+        return
     ok_type = isinstance(value, rule.kind) and not isinstance(value, bool)
     if not ok_type:
         raise TypeError(f"{name} must be {rule.describe()}, got {value!r} ({type(value).__name__}); {rule.hint}")
     if rule.choices is not None:
         if value not in rule.choices:
             raise ValueError(f"{name} must be {rule.describe()}, got {value!r}; {rule.hint}")
+        return
+    if not isinstance(value, (int, float)):  # a string or other non-number: its type is the whole rule
         return
     bad = not math.isfinite(float(value)) and not (rule.high is None and value == math.inf)
     if rule.low is not None and (value < rule.low or (rule.low_open and value == rule.low)):
@@ -229,6 +237,23 @@ class AnomalyCriteria:
         """Fewest probe samples the analysis accepts: ``max(k_range) + 1``."""
         return self.k_range[1] + 1
 
+    def check_probe_size(self, n: int, what: str = "the probe") -> None:
+        """The one probe-size rule: at least :attr:`min_probe_size` samples.
+
+        Args:
+            n: Samples the probe has, or will have.
+            what: How the error names the probe (``"probe_size=8"``, ``"the training dataset's probe"``).
+
+        Raises:
+            ValueError: ``n`` is too small; the message names the fix.
+        """
+        need = self.min_probe_size
+        if n < need:
+            raise ValueError(
+                f"{what}: {n} samples, fewer than max(k_range)+1={need}; use at least {need} samples (256 "
+                "recommended) or a smaller k_range (the largest mixture needs a sample per component and one more)"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-type view, suitable for JSON and checkpoints."""
         d = asdict(self)
@@ -362,7 +387,7 @@ class AnomalyCriteria:
         for every filter with a tiny cluster that is not a class, 0 otherwise. A continuous weight
         instead of the hard flags: a planted group that a filter separates well ranks first
         whichever rule it narrowly misses, and the ranking does not hinge on one threshold.
-        :func:`~lightning_anomaly.report.score_outliers` sums it over the filters that hold a sample.
+        :func:`~lightning_anomaly.engine.outliers.score_outliers` sums it over the filters that hold a sample.
 
         Args:
             smallest_cluster: As in :meth:`flag`.

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_anomaly.criteria import AnomalyCriteria
+
 __all__ = [
     "check_probe",
     "dataset_labels",
@@ -155,21 +157,18 @@ def non_finite_rows(x: Tensor) -> list[int]:
     return (~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)).nonzero().flatten().tolist()
 
 
-def check_probe(probe: Any, min_size: int) -> tuple[Tensor, Tensor | None]:
+def check_probe(probe: Any, criteria: AnomalyCriteria) -> tuple[Tensor, Tensor | None]:
     """An explicit ``(inputs, targets)`` probe, checked and moved to the CPU.
 
     Raises:
         TypeError: Not a pair with a tensor of inputs.
-        ValueError: Fewer than ``min_size`` samples, targets of another length, or non-finite inputs.
+        ValueError: Fewer samples than ``criteria`` needs, targets of another length, or non-finite inputs.
     """
     if not isinstance(probe, (tuple, list)) or len(probe) != 2 or not isinstance(probe[0], Tensor):
         raise TypeError("probe must be a pair (inputs, targets) with inputs a tensor (N, ...); targets may be None")
     x, y = probe
     n = int(x.shape[0])
-    if n < min_size:
-        raise ValueError(
-            f"probe has {n} samples, fewer than max(k_range)+1={min_size}; use at least {min_size} (256 recommended)"
-        )
+    criteria.check_probe_size(n, "probe=(inputs, targets)")
     if y is not None and (not isinstance(y, Tensor) or y.shape[0] != n):
         raise ValueError(f"probe targets must be a tensor with {n} entries, got {y!r:.80}")
     bad = non_finite_rows(x)

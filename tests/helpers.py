@@ -7,7 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -22,21 +22,33 @@ def make_data(n: int = 96, seed: int = 0, size: int = 8) -> TensorDataset:
     return TensorDataset(x, y)
 
 
-class Net(LightningModule):
-    """Conv + BatchNorm + dropout + an augmentation drawing from the global RNG."""
+class TinyCNN(nn.Module):
+    """The tests' one small CNN: two convs (the first with BatchNorm), dropout and a linear head."""
 
-    def __init__(self, width: int = 6, lr: float = 0.05, output: str = "tensor", n: int = 96) -> None:
+    def __init__(self, width: int = 6, dropout: float = 0.5) -> None:
         super().__init__()
-        self.save_hyperparameters()
         self.conv1 = nn.Conv2d(1, width, 3, padding=1)
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, width, 3, padding=1)
-        self.drop = nn.Dropout(0.3)
+        self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(width, 3)
 
+    def features(self, x):
+        return torch.relu(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+
     def forward(self, x):
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.conv2(x))
+        return self.head(self.drop(self.features(x).mean((2, 3))))
+
+
+class Net(TinyCNN, LightningModule):
+    """:class:`TinyCNN` as a LightningModule, with an augmentation drawing from the global RNG."""
+
+    def __init__(self, width: int = 6, lr: float = 0.05, output: str = "tensor", n: int = 96) -> None:
+        super().__init__(width=width, dropout=0.3)
+        self.save_hyperparameters()
+
+    def forward(self, x):
+        x = self.features(x)
         logits = self.head(self.drop(x.mean((2, 3))))
         if self.hparams.output == "dict":
             return {"logits": logits, "features": x}
@@ -187,6 +199,59 @@ class ScheduledMetrics(Net):
     def validation_step(self, batch, batch_idx):
         for name, values in self.val_schedule.items():
             self.log(name, values[self.current_epoch])
+
+
+class NoForward(Net):
+    """A LightningModule without forward(): the callback is told how to call it."""
+
+    def forward(self, x):
+        raise NotImplementedError
+
+    def logits(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+class Planted(nn.Module):
+    """Filters 0-6 read a quiet channel; filter 7 reads a loud channel that carries a trigger patch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = nn.Conv2d(2, 8, 3)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[:7, 0] = torch.randn(7, 3, 3, generator=g) * 0.3
+            self.conv.weight[7, 1] = 1.0
+            self.conv.bias.zero_()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def planted_probe(n: int = 64, triggered: int = 4) -> torch.Tensor:
+    """Inputs for :class:`Planted`: the first ``triggered`` samples carry the trigger patch."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 2, 8, 8, generator=g)
+    x[:, 0] *= 0.3
+    x[:triggered, 1, :3, :3] += 8.0
+    return x
+
+
+def fit(tmp_path, callbacks=(), max_epochs=2, logger=False, seed=0, model=None, **kw):
+    """A seeded fit of ``model`` (a fresh :class:`Net` by default) with ``callbacks``; returns ``(trainer, model)``."""
+    seed_everything(seed, workers=True)
+    model = model if model is not None else Net()
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=max_epochs,
+        callbacks=list(callbacks),
+        logger=logger,
+        enable_checkpointing=kw.pop("enable_checkpointing", False),
+        **{**FAST, **kw},
+    )
+    trainer.fit(model)
+    return trainer, model
 
 
 class ScriptedMonitor(AnomalyFilterCallback):

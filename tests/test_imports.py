@@ -23,7 +23,7 @@ def loaded_after(code: str) -> list[str]:
         "import lightning_anomaly.engine",
         "import lightning_anomaly.engine.gmm",
         "from lightning_anomaly import analyze, AnomalyCriteria, AnalysisReport",
-        "import lightning_anomaly.logging, lightning_anomaly.probe, lightning_anomaly.report",
+        "import lightning_anomaly.sinks, lightning_anomaly.probe, lightning_anomaly.results",
     ],
 )
 def test_engine_and_results_do_not_import_lightning(code):

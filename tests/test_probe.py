@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch.utils.data import Subset, TensorDataset
 
+from lightning_anomaly.criteria import AnomalyCriteria
 from lightning_anomaly.probe import (
     check_probe,
     dataset_labels,
@@ -133,4 +134,4 @@ def test_map_style_dataset_refuses_an_iterable_dataset():
 )
 def test_check_probe_errors(probe, error, match):
     with pytest.raises(error, match=match):
-        check_probe(probe, 7)
+        check_probe(probe, AnomalyCriteria(k_range=(2, 6)))

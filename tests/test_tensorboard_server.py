@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from lightning_anomaly import analyze
-from lightning_anomaly.logging import custom_scalars_layout, guess_layout_metrics, report_scalars
-from tests.engine.test_analyze import Planted, planted_probe
+from lightning_anomaly.sinks import custom_scalars_layout, guess_layout_metrics, report_scalars
+from tests.helpers import Planted, planted_probe
 
 # What Lightning hands a callback (trainer.callback_metrics) and its logger for a module that logs
 # train_loss per epoch, train_acc per step and per epoch, and val_acc/val_loss.

@@ -27,8 +27,8 @@ from lightning_anomaly.engine.masking import (
     fold_pruned_state_dict,
 )
 from lightning_anomaly.history import HistoryEntry, PruneEvent
-from lightning_anomaly.logging import epoch_scalar_step
-from lightning_anomaly.report import AnalysisReport
+from lightning_anomaly.results import AnalysisReport
+from lightning_anomaly.sinks import epoch_scalar_step
 
 __all__ = ["TRIGGER_CONSTRAINTS", "AnomalyPruneCallback"]
 

@@ -10,22 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_anomaly import AnalysisReport, AnomalyCriteria, AnomalyFilterCallback
-from tests.helpers import FAST, Net, make_data
-
-
-def fit(tmp_path, callbacks=(), max_epochs=2, logger=False, seed=0, model=None, **kw):
-    seed_everything(seed, workers=True)
-    model = model if model is not None else Net()
-    trainer = Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=max_epochs,
-        callbacks=list(callbacks),
-        logger=logger,
-        enable_checkpointing=kw.pop("enable_checkpointing", False),
-        **{**FAST, **kw},
-    )
-    trainer.fit(model)
-    return trainer, model
+from tests.helpers import FAST, LENIENT, Net, fit, make_data
 
 
 def test_observing_changes_nothing(tmp_path):
@@ -156,10 +141,14 @@ def test_models_returning_dicts_or_tuples(tmp_path, output):
     def transform(out):
         return out["logits"] if isinstance(out, dict) else out[0]
 
-    monitor = AnomalyFilterCallback(probe_size=24, output_transform=transform)
+    monitor = AnomalyFilterCallback(probe_size=24, output_transform=transform, criteria=AnomalyCriteria(**LENIENT))
     fit(tmp_path, [monitor], max_epochs=1, model=Net(output=output))
-    assert monitor.last_report.gradient_ratio is None or monitor.last_report.gradient_ratio > 0
-    assert monitor.last_report.grad_norms is not None
+    report = monitor.last_report
+    assert report.grad_norms is not None and report.grad_norms.shape == (24,) and bool((report.grad_norms > 0).all())
+    outlier = report.outlier_counts > 0
+    assert 0 < int(outlier.sum()) < 24  # both groups exist, so the ratio is defined: the transformed output's
+    expected = float(report.grad_norms[outlier].mean() / report.grad_norms[~outlier].mean())
+    assert report.gradient_ratio == pytest.approx(expected)
 
 
 def test_explicit_probe_and_custom_loss(tmp_path):
@@ -194,13 +183,13 @@ def test_precision_memory_format_and_compile(tmp_path, variant):
 
 
 def test_errors_name_the_fix(tmp_path):
-    with pytest.raises(ValueError, match=r"probe_size=4 is smaller than max\(k_range\)\+1=7; use probe_size >= 7"):
+    with pytest.raises(ValueError, match=r"probe_size=4: 4 samples, fewer than max\(k_range\)\+1=7; use at least 7"):
         AnomalyFilterCallback(probe_size=4)
-    with pytest.raises(ValueError, match="every_n_epochs must be an int >= 1"):
+    with pytest.raises(ValueError, match=r"every_n_epochs must be int in \[1, inf\], got 0; analyse after every n-th"):
         AnomalyFilterCallback(every_n_epochs=0)
     with pytest.raises(TypeError, match="criteria must be an AnomalyCriteria"):
         AnomalyFilterCallback(criteria={"k_range": (2, 3)})
-    with pytest.raises(ValueError, match="probe has 3 samples"):
+    with pytest.raises(ValueError, match=r"probe=\(inputs, targets\): 3 samples, fewer than"):
         AnomalyFilterCallback(probe=(torch.zeros(3, 1, 8, 8), None))
 
     class NoConv(Net):

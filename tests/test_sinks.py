@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from lightning_anomaly import analyze
-from lightning_anomaly.logging import custom_scalars_layout, guess_layout_metrics, report_scalars
-from tests.engine.test_analyze import Planted, planted_probe
+from lightning_anomaly.sinks import custom_scalars_layout, guess_layout_metrics, report_scalars
+from tests.helpers import Planted, planted_probe
 
 
 def test_scalars_match_the_report_and_hold_no_nan():

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from lightning_anomaly.report import AnalysisReport
+from lightning_anomaly.results import AnalysisReport
 
 __all__ = ["custom_scalars_layout", "guess_layout_metrics", "report_scalars", "tensorboard_histograms"]
 
