@@ -192,6 +192,8 @@ def _old_fit_batched(
     reg: float,
     kmeans_iter: int,
     chunk: int,
+    steps: Any = None,  # the package's eager/compiled step functions; the old code has none
+    *,
     lloyd: LloydFn = gmm._kmeans_labels,
 ) -> gmm.MixtureFit:
     bsz, n, _ = x.shape

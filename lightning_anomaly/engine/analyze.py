@@ -16,10 +16,11 @@ from lightning_anomaly.criteria import AnomalyCriteria
 from lightning_anomaly.engine.capture import LayerCapture, LayerSpec, capture_layers, named_exactly, select_layers
 from lightning_anomaly.engine.gmm import fit_gmm, uniform_width
 from lightning_anomaly.engine.gradients import LossFn, per_sample_grad_norms
+from lightning_anomaly.engine.outliers import count_outliers, judge_filters, score_outliers
 from lightning_anomaly.engine.pca import batched_pca
 from lightning_anomaly.engine.reference import sklearn_cluster, sklearn_pca
 from lightning_anomaly.engine.scores import calinski_harabasz, cluster_sizes, separation
-from lightning_anomaly.report import AnalysisReport, LayerReport, count_outliers, score_outliers
+from lightning_anomaly.results import AnalysisReport, LayerReport
 
 __all__ = ["analyze", "cluster_points"]
 
@@ -65,6 +66,7 @@ def cluster_points(
     seed: int = 0,
     backend: Backend = "torch",
     groups: Sequence[tuple[str, int]] | None = None,
+    compile: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Cluster each filter's points for every k in ``criteria.k_range`` and keep the best k by CH.
 
@@ -84,6 +86,8 @@ def cluster_points(
         backend: ``"torch"`` (batched) or ``"sklearn"`` (reference, one filter at a time).
         groups: ``(name, count)`` runs of consecutive problems (one per layer) that draw their
             initialisation from their own generator; one group by default.
+        compile: Run the torch backend's Lloyd, E and M steps through ``torch.compile`` (see
+            :func:`~lightning_anomaly.engine.gmm.fit_gmm`); ignored by the sklearn backend.
 
     Returns:
         ``k`` ``(B,)`` int64 (0 if no k gave two clusters), ``ch`` ``(B,)`` float64 (NaN then),
@@ -114,6 +118,7 @@ def cluster_points(
             kmeans_iter=criteria.kmeans_iter,
             n_init=criteria.n_init,
             uniforms=_group_uniforms(groups, k, criteria.n_init, seed),
+            compile=compile,
         )
         chs.append(calinski_harabasz(points, fit.labels, k))
         labs.append(fit.labels)
@@ -146,6 +151,7 @@ def analyze(
     output_transform: Callable[[Any], Tensor] | None = None,
     on_layer: Callable[[str], None] | None = None,
     classes: Tensor | None = None,
+    compile: bool = False,
 ) -> AnalysisReport:
     """Find the anomaly filters of ``model`` on a probe batch (arXiv 2412.10457).
 
@@ -189,6 +195,9 @@ def analyze(
         classes: ``(N,)`` class labels (or ``(N, C)`` one-hot/probabilities) for the class-aware
             flags when ``targets`` are not given or are not class labels; taken from ``targets`` by
             default. Without class labels the label-free bound applies (``label_free_fraction``).
+        compile: Run the mixture fits' Lloyd, E and M steps through ``torch.compile``. The first
+            analysis in a process pays the compilation (tens of seconds on a CPU); later ones reuse it.
+            Needs a C++ compiler on a CPU. Off by default.
 
     Returns:
         An :class:`~lightning_anomaly.AnalysisReport`.
@@ -197,9 +206,12 @@ def analyze(
         ValueError: The probe is smaller than ``max(k_range) + 1``, ``inputs`` is not a tensor with
             a batch dimension, targets do not match, the backend is unknown, the model has no conv
             layer or ``layers`` names an unknown module.
-        TypeError: ``criteria`` is not an :class:`AnomalyCriteria`.
+        TypeError: ``criteria`` is not an :class:`AnomalyCriteria`, or ``compile`` is not a bool.
+        RuntimeError: ``compile=True`` and ``torch.compile`` cannot build the steps (no C++ compiler).
     """
     start = time.perf_counter()
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be a bool, got {compile!r}")
     criteria = criteria if criteria is not None else AnomalyCriteria()
     if not isinstance(criteria, AnomalyCriteria):
         raise TypeError(f"criteria must be an AnomalyCriteria, got {type(criteria).__name__}")
@@ -211,11 +223,7 @@ def analyze(
             f"{tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__}"
         )
     n = int(inputs.shape[0])
-    if n < criteria.min_probe_size:
-        raise ValueError(
-            f"the probe has {n} samples, fewer than max(k_range)+1={criteria.min_probe_size}; use at least "
-            f"{criteria.min_probe_size} samples (256 recommended) or a smaller k_range"
-        )
+    criteria.check_probe_size(n, "the probe")
     if targets is not None and (not isinstance(targets, Tensor) or targets.shape[0] != n):
         raise ValueError(
             f"targets must be a tensor with one entry per probe sample ({n}), got "
@@ -255,7 +263,7 @@ def analyze(
             "none of the model's conv layers ran in the probe forward (eval mode); check the model's forward or "
             "pass forward=..."
         )
-    layer_reports = _cluster_and_flag(captures, criteria, seed, backend, n, classes)
+    layer_reports = _cluster_and_flag(captures, criteria, seed, backend, n, classes, compile)
 
     counts = count_outliers(layer_reports.values(), n)
 
@@ -312,6 +320,7 @@ def _cluster_and_flag(
     backend: Backend,
     n: int,
     classes: Tensor | None = None,
+    compile: bool = False,
 ) -> OrderedDict[str, LayerReport]:
     # All clusterable filters of all layers go into one batch (1-D points padded with a zero
     # coordinate, which changes neither the mixture fit nor CH).
@@ -327,7 +336,7 @@ def _cluster_and_flag(
         batch = torch.cat(padded) if padded else torch.zeros(0, n, 2)
         groups = [(cap.name, int(p.shape[0])) for cap, p in zip(captures, padded, strict=True)]
         all_k, all_ch, all_labels, all_conv = (
-            cluster_points(batch, criteria, seed=seed, groups=groups) if batch.shape[0] else _empty(n)
+            cluster_points(batch, criteria, seed=seed, groups=groups, compile=compile) if batch.shape[0] else _empty(n)
         )
         splits = [int(p.shape[0]) for p in padded]
         per_layer = list(zip(*(t.split(splits) for t in (all_k, all_ch, all_labels, all_conv)), strict=True))
@@ -355,7 +364,7 @@ def _cluster_and_flag(
         masks = (labels == sized.argmin(1, keepdim=True)) & ~degenerate[:, None]
         sep = separation(cap.points.cpu(), masks)
         selective = criteria.class_selective(masks, classes) if classes is not None else None
-        flags = criteria.flag(smallest, ch, activation, degenerate, n, class_selective=selective, separation=sep)
+        flags = judge_filters(criteria, n, smallest, ch, activation, degenerate, sep, selective)
         # Keep the points of the filters that single out samples most strongly for plots: anomaly
         # filters first, then the other scored ones (tiny, not a class), by separation.
         weight = criteria.strength(smallest, degenerate, sep, n, selective)
@@ -380,8 +389,6 @@ def _cluster_and_flag(
             explained=cap.explained.cpu(),
             converged=converged,
             labels=labels.to(torch.int8),
-            ch_typical=criteria.typical(ch, ~degenerate),
-            activation_typical=criteria.typical(activation, ~degenerate),
             point_filters=keep,
             points=cap.points[keep.to(cap.points.device)].float().cpu(),
             point_labels=labels[keep].to(torch.int8),

@@ -42,7 +42,7 @@ DEGENERATE_REASONS: dict[int, str] = {
 # Relative spread under which a filter's maps count as constant over the probe (float32 noise).
 _CONSTANT_RTOL = 1e-6
 # Bytes of float32 maps reduced at once inside a hook.
-_REDUCE_CHUNK_BYTES = 64 << 20
+_REDUCE_CHUNK_BYTES = 16 << 20
 
 LayerSpec = str | type[nn.Module]
 PCAFn = Callable[[Tensor, int], tuple[Tensor, Tensor]]
@@ -187,6 +187,19 @@ def hooked_forward(
             handle.remove()
 
 
+def _filter_norms(x: Tensor, order: int) -> Tensor:
+    """``(c, N, D)`` -> ``(c,)`` float64 sum of ``|x|`` (``order=1``) or of ``x^2`` (``order=2``) per filter.
+
+    Partial sums in float32 over one contiguous run at a time, the rest in float64: a float32
+    reduction of a whole filter at once accumulates naively and loses digits (1e-3 on 256 x 1024
+    values). Large maps reduce along their pixels; small maps (few pixels per sample, where a
+    per-row reduction is slow) along the probe.
+    """
+    dim = -1 if x.shape[-1] >= 64 else 1
+    part = torch.linalg.vector_norm(x, order, dim=dim).double()
+    return (part if order == 1 else part.square()).sum(-1)
+
+
 def reduce_maps(
     maps: Tensor, n_components: int, pca: PCAFn = batched_pca, groups: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -209,25 +222,41 @@ def reduce_maps(
     n, c = maps.shape[:2]
     d = maps[0, 0].numel()
     q = min(n_components, d, n)
-    points = torch.zeros(c, n, q, dtype=torch.float32, device=maps.device)
-    explained = torch.zeros(c, dtype=torch.float32, device=maps.device)
-    activation = torch.zeros(c, dtype=torch.float64, device=maps.device)
-    reason = torch.zeros(c, dtype=torch.int8, device=maps.device)
-    step = max(1, _REDUCE_CHUNK_BYTES // max(1, n * d * 4))
-    onehot = means_of = None
-    if groups is not None:
-        onehot = torch.nn.functional.one_hot(groups.to(maps.device), int(groups.max()) + 1).float()  # (N, G)
-        means_of = onehot.mT / onehot.sum(0).clamp_min(1)[:, None]  # (G, N): each group's mean
+    dev = maps.device
+    points = torch.zeros(c, n, q, dtype=torch.float32, device=dev)
+    explained = torch.zeros(c, dtype=torch.float32, device=dev)
+    activation = torch.zeros(c, dtype=torch.float64, device=dev)
+    reason = torch.zeros(c, dtype=torch.int8, device=dev)
+    step = max(1, min(c, _REDUCE_CHUNK_BYTES // max(1, n * d * 4)))
+    # Without groups, the whole probe is one group: its mean map is removed the same way.
+    ids = groups.to(dev) if groups is not None else torch.zeros(n, dtype=torch.long, device=dev)
+    onehot = torch.nn.functional.one_hot(ids, int(ids.max()) + 1).float()  # (N, G)
+    sizes = onehot.sum(0)  # (G,)
+    means_of = onehot.mT / sizes.clamp_min(1)[:, None]  # (G, N): each group's mean
+    share = (sizes / n).double()[:, None]  # (G, 1)
+    # One buffer for every chunk's centred maps: a fresh tensor of this size costs more in page
+    # faults than the arithmetic that fills it.
+    buffer = torch.empty(step, n, d, dtype=torch.float32, device=dev)
+    tiny = torch.finfo(torch.float32).tiny
     for lo in range(0, c, step):
         hi = min(c, lo + step)
-        # reshape, not view: channels_last maps are not contiguous in this order.
+        # reshape, not view: channels_last maps are not contiguous in this order. For contiguous
+        # maps this is a strided view; every statistic below reads it without a copy.
         x = maps[:, lo:hi].float().reshape(n, hi - lo, d).transpose(0, 1)  # (c, N, D)
-        finite = torch.isfinite(x).flatten(1).all(-1)
-        x = torch.where(finite[:, None, None], x, torch.zeros((), device=x.device))
-        activation[lo:hi] = x.abs().mean((1, 2)).double()
-        centred = x - x.mean(1, keepdim=True)
-        spread = centred.square().sum((1, 2))
-        scale = x.square().sum((1, 2))
+        l1 = _filter_norms(x, 1)  # NaN or Inf anywhere in a filter's maps makes it non-finite
+        finite = torch.isfinite(l1)
+        activation[lo:hi] = torch.where(finite, l1 / (n * d), torch.zeros((), dtype=l1.dtype, device=dev))
+        # Within-group residuals x - onehot @ (means_of @ x), written once into the buffer.
+        group_means = torch.bmm(means_of.expand(hi - lo, -1, -1), x)  # (c, G, D)
+        xs = torch.baddbmm(x, onehot.expand(hi - lo, -1, -1), group_means, alpha=-1.0, out=buffer[: hi - lo])
+        # Spread over the probe = within-group + between-group sums of squares: both non-negative,
+        # so a near-constant filter's spread is not lost to cancellation.
+        within = _filter_norms(xs, 2)
+        gm = group_means.double()
+        mean = (gm * share).sum(1, keepdim=True)  # (c, 1, D)
+        between = ((gm - mean).square().sum(-1) * share.mT).sum(-1) * n
+        spread = within + between
+        scale = spread + mean.square().sum((1, 2)) * n
         constant = finite & (spread <= (_CONSTANT_RTOL**2) * scale)
         ok = finite & ~constant
         r = reason[lo:hi]
@@ -236,18 +265,14 @@ def reduce_maps(
         idx = ok.nonzero().squeeze(-1)
         if idx.numel() == 0:
             continue
-        xs, used_spread = x[idx], spread[idx]
-        if onehot is not None and means_of is not None:
-            xs = xs - onehot @ (means_of @ xs)  # within-group residuals (zero mean overall)
-            used_spread = xs.square().sum((1, 2))
+        if idx.numel() < hi - lo:
+            xs, within = xs.index_select(0, idx), within[idx]
         scores, var = pca(xs, q)
         norm = scores.square().sum(-1).mean(-1).sqrt()  # (c_ok,)
         lost = norm <= 0
-        scores = scores / norm.clamp_min(torch.finfo(torch.float32).tiny)[:, None, None]
+        scores = scores / norm.clamp_min(tiny)[:, None, None]
         points[lo + idx] = scores.float()
-        explained[lo + idx] = (
-            (var.sum(-1) * (n - 1) / used_spread.clamp_min(torch.finfo(torch.float32).tiny)).clamp(0, 1).float()
-        )
+        explained[lo + idx] = (var.sum(-1).double() * (n - 1) / within.clamp_min(tiny)).clamp(0, 1).float()
         if bool(lost.any()):
             r[idx[lost]] = 2
             points[lo + idx[lost]] = 0

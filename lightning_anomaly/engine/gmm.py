@@ -16,6 +16,8 @@ How it stays fast:
 * **Per-problem convergence.** A problem whose mean log-likelihood changes by less than ``tol``
   is retired with its labels; the active set is compacted as problems converge.
 * **Closed-form 2 x 2 algebra** in float64 for the parameters (inverse, log-determinant).
+* **Optionally compiled.** ``compile=True`` runs the Lloyd, E and M steps through ``torch.compile``
+  (fused element-wise loops, shapes dynamic so retirement does not recompile); off by default.
 
 One-dimensional problems (filters with ``1 x 1`` maps) are padded with a zero coordinate: the
 padding adds the same constant to every component's log-density, so the fit is exactly a 1-D fit.
@@ -28,7 +30,11 @@ the whole batch up front, so results do not depend on the chunk size or the devi
 from __future__ import annotations
 
 import math
+import os
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -154,7 +160,93 @@ def _n_trials(k: int) -> int:
     return 2 + int(math.log(k))
 
 
-def _kmeans_labels(x: Tensor, k: int, n_iter: int, uniforms: Tensor) -> Tensor:
+def _lloyd_assign(cen: Tensor, x1t: Tensor) -> Tensor:
+    """``(B, k, 2)`` centres, ``(B, 3, N)`` points with a ones row -> ``(B, k, N)`` nearest-centre mask.
+
+    Closeness ``-||x - c||^2`` up to the per-point constant ``||x||^2``, as one product, then a
+    one-hot float mask; an exact tie (duplicate centres) counts the point for each tied centre,
+    which keeps every centre at the mean of the points it holds.
+    """
+    coef = torch.cat([2.0 * cen, -cen.square().sum(-1, keepdim=True)], dim=-1)  # (B, k, 3)
+    return _max_mask(torch.bmm(coef, x1t))
+
+
+def _lloyd_step(assign: Tensor, cen: Tensor, x1t: Tensor) -> tuple[Tensor, Tensor]:
+    """One Lloyd step: centres to the means of their points (empty ones stay), then the new assignment."""
+    sums = torch.bmm(assign, x1t.mT)  # (B, k, 3): sums and counts
+    counts = sums[..., 2:]
+    cen = torch.where(counts > 0, sums[..., :2] / counts.clamp_min(1), cen)
+    return _lloyd_assign(cen, x1t), cen
+
+
+def _e_step_from(weights: Tensor, means: Tensor, cov: Tensor, feats_t: Tensor) -> tuple[Tensor, Tensor]:
+    """Parameters and ``(B, 6, N)`` features -> responsibilities ``(B, K, N)`` and mean log-likelihood ``(B,)``."""
+    return _e_step(feats_t, _log_density_weights(weights, means, cov, feats_t.dtype))
+
+
+def _m_step_from(resp: Tensor, feats_t: Tensor, n: int, reg: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Responsibilities and features -> weights, means and covariances (see :func:`_m_step`)."""
+    return _m_step(torch.bmm(resp, feats_t.mT), n, reg)
+
+
+@dataclass(frozen=True)
+class _Steps:
+    """The hot steps of the fit, eager or compiled with ``torch.compile``."""
+
+    lloyd: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] = _lloyd_step
+    e_step: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] = _e_step_from
+    m_step: Callable[[Tensor, Tensor, int, float], tuple[Tensor, Tensor, Tensor]] = _m_step_from
+
+
+_EAGER = _Steps()
+_COMPILED: list[_Steps] = []  # built once per process, on first use
+
+
+class _FirstCallChecked:
+    """A ``torch.compile``d function whose first call turns a compiler failure into a clear error."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self._fn: Callable[..., Any] = torch.compile(fn, dynamic=True)
+        self._checked = False
+
+    def __call__(self, *args: Any) -> Any:
+        if self._checked:
+            return self._fn(*args)
+        try:
+            out = self._fn(*args)
+        except Exception as err:  # inductor raises several types; all mean the same to a user
+            raise RuntimeError(
+                f"compile=True: torch.compile could not build the clustering steps ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); on a CPU the inductor backend needs a working "
+                "C++ compiler (install g++ or clang, or point $CXX at one), or use compile=False"
+            ) from err
+        self._checked = True
+        return out
+
+
+def _steps(compile: bool) -> _Steps:
+    """The eager steps, or the compiled ones (built on first use; a missing C++ compiler is an error)."""
+    if not compile:
+        return _EAGER
+    if not _COMPILED:
+        cxx = os.environ.get("CXX")
+        if not any(shutil.which(c) for c in ([cxx] if cxx else ["g++", "c++", "clang++"])):
+            raise RuntimeError(
+                "compile=True needs a C++ compiler for torch.compile's CPU backend and none was found "
+                f"({'$CXX=' + repr(cxx) if cxx else 'g++, c++, clang++'} not on PATH); install g++ or clang "
+                "(or set $CXX), or use compile=False"
+            )
+        _COMPILED.append(
+            _Steps(
+                lloyd=_FirstCallChecked(_lloyd_step),
+                e_step=_FirstCallChecked(_e_step_from),
+                m_step=_FirstCallChecked(_m_step_from),
+            )
+        )
+    return _COMPILED[0]
+
+
+def _kmeans_labels(x: Tensor, k: int, n_iter: int, uniforms: Tensor, steps: _Steps = _EAGER) -> Tensor:
     """Greedy k-means++ seeding, then up to ``n_iter`` Lloyd steps.
 
     Each new centre is the best (lowest total squared distance) of ``_n_trials(k)`` candidates
@@ -165,6 +257,7 @@ def _kmeans_labels(x: Tensor, k: int, n_iter: int, uniforms: Tensor) -> Tensor:
         k: Number of centres.
         n_iter: Most Lloyd steps (stops early once no label changes).
         uniforms: ``(B, 1 + (k - 1) * _n_trials(k))`` uniform draws in ``[0, 1)``.
+        steps: Eager or compiled step functions.
     """
     bsz, n, _ = x.shape
     trials = _n_trials(k)
@@ -189,19 +282,9 @@ def _kmeans_labels(x: Tensor, k: int, n_iter: int, uniforms: Tensor) -> Tensor:
     cen = torch.stack(centers, dim=1)  # (B, k, 2)
     x1t = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1).mT.contiguous()  # (B, 3, N)
 
-    def assignment(cen: Tensor) -> Tensor:
-        # Closeness -||x - c||^2 up to the per-point constant ||x||^2, as one product, then a
-        # one-hot float mask; an exact tie (duplicate centres) counts the point for each tied
-        # centre, which keeps every centre at the mean of the points it holds.
-        coef = torch.cat([2.0 * cen, -cen.square().sum(-1, keepdim=True)], dim=-1)  # (B, k, 3)
-        return _max_mask(torch.bmm(coef, x1t))
-
-    assign = assignment(cen)
+    assign = _lloyd_assign(cen, x1t)
     for _ in range(n_iter):
-        sums = torch.bmm(assign, x1t.mT)  # (B, k, 3): sums and counts
-        counts = sums[..., 2:]
-        cen = torch.where(counts > 0, sums[..., :2] / counts.clamp_min(1), cen)
-        new_assign = assignment(cen)
+        new_assign, cen = steps.lloyd(assign, cen, x1t)
         if torch.equal(new_assign, assign):
             break
         assign = new_assign
@@ -211,12 +294,21 @@ def _kmeans_labels(x: Tensor, k: int, n_iter: int, uniforms: Tensor) -> Tensor:
 class _Work:
     """The problems being iterated on: a batch that is refilled as problems retire."""
 
-    def __init__(self, x: Tensor, idx: Tensor, k: int, uniforms: Tensor, reg: float, kmeans_iter: int) -> None:
+    def __init__(
+        self,
+        x: Tensor,
+        idx: Tensor,
+        k: int,
+        uniforms: Tensor,
+        reg: float,
+        kmeans_iter: int,
+        steps: _Steps = _EAGER,
+    ) -> None:
         n = x.shape[1]
         self.idx = idx
         self.feats_t = _features_t(x)  # (B, 6, N)
-        init = _kmeans_labels(x, k, kmeans_iter, uniforms)
-        self.weights, self.means, self.cov = _m_step(torch.bmm(_onehot(init, k, x.dtype), self.feats_t.mT), n, reg)
+        init = _kmeans_labels(x, k, kmeans_iter, uniforms, steps)
+        self.weights, self.means, self.cov = steps.m_step(_onehot(init, k, x.dtype), self.feats_t, n, reg)
         self.prev = torch.full((len(idx),), -math.inf, dtype=torch.float64, device=x.device)
         self.iters = torch.zeros(len(idx), dtype=torch.long, device=x.device)
         self.alive = torch.ones(len(idx), dtype=torch.bool, device=x.device)
@@ -237,7 +329,15 @@ class _Work:
 
 
 def _fit_batched(
-    x: Tensor, k: int, uniforms: Tensor, max_iter: int, tol: float, reg: float, kmeans_iter: int, chunk: int
+    x: Tensor,
+    k: int,
+    uniforms: Tensor,
+    max_iter: int,
+    tol: float,
+    reg: float,
+    kmeans_iter: int,
+    chunk: int,
+    steps: _Steps = _EAGER,
 ) -> MixtureFit:
     """EM over all problems with a working batch of about ``chunk`` problems.
 
@@ -261,7 +361,7 @@ def _fit_batched(
         if queued < bsz and alive < chunk // 2:
             take = min(bsz - queued, chunk - alive)
             idx = torch.arange(queued, queued + take, device=dev)
-            fresh = _Work(x[queued : queued + take], idx, k, uniforms[queued : queued + take], reg, kmeans_iter)
+            fresh = _Work(x[queued : queued + take], idx, k, uniforms[queued : queued + take], reg, kmeans_iter, steps)
             queued += take
             alive += take
             if work is None:
@@ -270,8 +370,7 @@ def _fit_batched(
                 work.extend(fresh)
         if work is None or alive == 0:
             break
-        w = _log_density_weights(work.weights, work.means, work.cov, work.feats_t.dtype)
-        resp, lb = _e_step(work.feats_t, w)
+        resp, lb = steps.e_step(work.weights, work.means, work.cov, work.feats_t)
         work.iters += 1
         done = (lb - work.prev).abs() < tol
         finished = work.alive & (done | (work.iters >= max_iter))
@@ -299,7 +398,7 @@ def _fit_batched(
                     work = None
                     continue
         work.prev = lb
-        work.weights, work.means, work.cov = _m_step(torch.bmm(resp, work.feats_t.mT), n, reg)
+        work.weights, work.means, work.cov = steps.m_step(resp, work.feats_t, n, reg)
     return MixtureFit(labels, out_w, out_m, lower, n_iter, converged)
 
 
@@ -315,6 +414,7 @@ def fit_gmm(
     n_init: int = 1,
     chunk_size: int | None = None,
     uniforms: Tensor | None = None,
+    compile: bool = False,
 ) -> MixtureFit:
     """Fit one full-covariance Gaussian mixture of ``k`` components to each of ``B`` point sets.
 
@@ -341,13 +441,19 @@ def fit_gmm(
             (init-major rows); drawn from ``generator`` when omitted.
         chunk_size: Problems fitted together; by default sized to the CPU cache, or the whole
             batch on an accelerator.
+        compile: Run the Lloyd, E and M steps through ``torch.compile`` (fused element-wise
+            loops). The first call compiles (tens of seconds); later calls in the process reuse it.
 
     Returns:
         A :class:`MixtureFit`; no field holds NaN.
 
     Raises:
         ValueError: Wrong shape, ``k`` out of range, or non-finite points.
+        TypeError: ``compile`` is not a bool.
+        RuntimeError: ``compile=True`` and ``torch.compile`` cannot build the steps (no C++ compiler).
     """
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be a bool, got {compile!r}")
     if points.ndim != 3 or points.shape[-1] not in (1, 2):
         raise ValueError(f"points must have shape (B, N, 1 or 2), got {tuple(points.shape)}")
     bsz, n, d = points.shape
@@ -371,7 +477,7 @@ def fit_gmm(
     if chunk_size is None:
         budget = _CPU_CHUNK_ELEMENTS if x.device.type == "cpu" else _ACCEL_CHUNK_ELEMENTS
         chunk_size = max(8, budget // (n * k))
-    fit = _fit_batched(x, k, uniforms, max_iter, tol, reg_covar, kmeans_iter, chunk_size)
+    fit = _fit_batched(x, k, uniforms, max_iter, tol, reg_covar, kmeans_iter, chunk_size, _steps(compile))
     if n_init == 1:
         return fit
     best = fit.lower_bound.view(n_init, bsz).argmax(0) * bsz + torch.arange(bsz, device=x.device)

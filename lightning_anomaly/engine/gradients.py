@@ -35,6 +35,9 @@ __all__ = ["per_sample_grad_norms"]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Method = Literal["auto", "ghost", "vmap", "loop"]
 _GHOST_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
+# Input channels per group from which a conv's weight-gradient norm goes tap by tap instead of
+# through its unfolded input (below, the unfolded input is small and one product is faster).
+_MIN_TAP_CHANNELS = 8
 
 
 def _default_loss(output: Tensor, target: Tensor) -> Tensor:
@@ -192,10 +195,62 @@ def _sq_matmul_norm(a: Tensor, d: Tensor) -> Tensor:
     taken only when the positions ``T`` are few, so this is cheap).
     """
     din, dout, t = a.shape[2], d.shape[2], a.shape[3]
-    if t * t * (din + dout) < din * dout * t:
+    if _ghost_is_cheaper(din, dout, t):
         a, d = a.double(), d.double()
         return ((a.mT @ a) * (d.mT @ d)).sum((1, 2, 3)).clamp_min(0.0)
     return (d @ a.mT).square().sum((1, 2, 3)).double()
+
+
+def _ghost_is_cheaper(din: int, dout: int, t: int) -> bool:
+    """Whether ``sum((A^T A) * (D^T D))`` costs fewer multiply-adds than forming ``G = D A^T``."""
+    return t * t * (din + dout) < din * dout * t
+
+
+def _conv_weight_sq_norm(m: nn.Conv2d, x: Tensor, d: Tensor) -> Tensor | None:
+    """``||G_i||_F^2`` of a conv's per-sample weight gradient without unfolding its input, or ``None``.
+
+    ``G_i[o, c, u, v] = sum_t D_i[o, t] X_i[c, t + tap(u, v)]``: one product per kernel tap, each
+    reading the zero-padded input through a shifted, strided view. Laid out on the padded input's
+    grid (width ``Wp``), the positions a tap reads are one contiguous run of ``L = (H'-1) Wp + W'``
+    flat indices per channel starting at the tap's offset; the output gradient is spread on the same
+    grid, zeros in the ``Wp - W'`` columns a conv never writes, so those reads add nothing. A
+    stride ``s`` first splits the padded input into its ``s x s`` polyphase components (one copy of
+    the input, where unfolding makes ``k_h k_w`` of them), each of which a tap then reads the same way.
+
+    Same multiply-adds as ``D_i A_i^T`` on the unfolded input (plus ``Wp / W'``), without writing the
+    ``(n, C k_h k_w, T)`` unfolded tensor, which is what the time went to on large maps. Returns
+    ``None`` when the ghost norm is cheaper (few positions) or the input has few channels per group
+    (the unfolded input is then small and one product beats ``k_h k_w`` thin ones).
+    """
+    n, cin = x.shape[:2]
+    g = m.groups
+    cin_g, out_g = cin // g, d.shape[1] // g
+    (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
+    ho, wo = d.shape[2], d.shape[3]
+    if cin_g < _MIN_TAP_CHANNELS or _ghost_is_cheaper(cin_g * kh * kw, out_g, ho * wo):
+        return None
+    xp = _pad_like_conv(m, x)
+    hp, wp = xp.shape[2], xp.shape[3]
+    # Pad up to whole multiples of the stride so that every polyphase component has one shape.
+    hq, wq = -(-hp // sh), -(-wp // sw)
+    if (hq * sh, wq * sw) != (hp, wp):
+        xp = nn.functional.pad(xp, [0, wq * sw - wp, 0, hq * sh - hp])
+    phases: dict[tuple[int, int], Tensor] = {}
+    length = (ho - 1) * wq + wo
+    dgrid = nn.functional.pad(d, [0, wq - wo]).reshape(n * g, out_g, ho * wq)[..., :length]
+    sq = torch.zeros(n * g, dtype=d.dtype, device=d.device)
+    for u in range(kh):
+        qa, a = divmod(dh * u, sh)
+        for v in range(kw):
+            qb, b = divmod(dw * v, sw)
+            phase = phases.get((a, b))
+            if phase is None:
+                phase = phases[(a, b)] = xp[:, :, a::sh, b::sw].contiguous()
+            flat = phase.reshape(n * g, cin_g, hq * wq)
+            off = qa * wq + qb
+            tap = torch.bmm(dgrid, flat[..., off : off + length].mT)  # (n g, out_g, cin_g)
+            sq += tap.square().sum((1, 2))
+    return sq.view(n, g).sum(1).double()
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -226,16 +281,23 @@ def _layer_sq_norm(m: nn.Module, x: Tensor, d: Tensor) -> Tensor:
     if isinstance(m, nn.Conv2d | nn.Linear):
         if isinstance(m, nn.Conv2d):
             g = m.groups
-            a = nn.functional.unfold(_pad_like_conv(m, x), m.kernel_size, m.dilation, 0, m.stride)  # (n, Cin*k*k, T)
-            a = a.reshape(n, g, a.shape[1] // g, a.shape[2])
-            dd = d.reshape(n, g, d.shape[1] // g, -1)
+            dd = d.reshape(n, g, d.shape[1] // g, -1)  # (n, g, Cout/g, T)
         else:
-            a = x.reshape(n, -1, x.shape[-1]).mT.unsqueeze(1)  # (n, 1, Din, T)
             dd = d.reshape(n, -1, d.shape[-1]).mT.unsqueeze(1)  # (n, 1, Dout, T)
         channels = (1, dd.shape[1], dd.shape[2], 1)
         if _trainable(m, "weight"):
             keep = _keep_view(m, "weight", channels, dtype)
-            sq = sq + _sq_matmul_norm(a, dd if keep is None else dd * keep)
+            dw = dd if keep is None else dd * keep
+            taps = _conv_weight_sq_norm(m, x, dw.reshape(d.shape)) if isinstance(m, nn.Conv2d) else None
+            if taps is not None:
+                sq = sq + taps
+            else:
+                if isinstance(m, nn.Conv2d):
+                    a = nn.functional.unfold(_pad_like_conv(m, x), m.kernel_size, m.dilation, 0, m.stride)
+                    a = a.reshape(n, m.groups, a.shape[1] // m.groups, a.shape[2])  # (n, g, Cin/g*k*k, T)
+                else:
+                    a = x.reshape(n, -1, x.shape[-1]).mT.unsqueeze(1)  # (n, 1, Din, T)
+                sq = sq + _sq_matmul_norm(a, dw)
         if _trainable(m, "bias"):
             keep = _keep_view(m, "bias", channels, dtype)
             sq = sq + (dd if keep is None else dd * keep).sum(-1).double().square().sum((1, 2))

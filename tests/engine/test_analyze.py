@@ -6,33 +6,8 @@ import torch
 from torch import nn
 
 from lightning_anomaly import AnalysisReport, AnomalyCriteria, analyze
-from lightning_anomaly.report import count_outliers, merge_reports, score_outliers
-
-
-class Planted(nn.Module):
-    """Filters 0-6 read a quiet channel; filter 7 reads a loud channel that carries a trigger patch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.conv = nn.Conv2d(2, 8, 3)
-        with torch.no_grad():
-            self.conv.weight.zero_()
-            self.conv.weight[:7, 0] = torch.randn(7, 3, 3, generator=g) * 0.3
-            self.conv.weight[7, 1] = 1.0
-            self.conv.bias.zero_()
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.conv(x)).mean((2, 3)))
-
-
-def planted_probe(n: int = 64, triggered: int = 4) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(n, 2, 8, 8, generator=g)
-    x[:, 0] *= 0.3
-    x[:triggered, 1, :3, :3] += 8.0
-    return x
+from lightning_anomaly.engine.outliers import count_outliers, merge_reports, score_outliers
+from tests.helpers import Planted, planted_probe
 
 
 def test_planted_anomaly_filter_and_its_samples_are_found():
@@ -333,3 +308,10 @@ def test_a_repeated_module_gives_sites_that_name_their_module_and_call():
     for layer in old["layers"]:
         del layer["module"], layer["call"]
     assert [(lr.module, lr.call) for lr in AnalysisReport.from_dict(old).layers.values()] == [("conv", 0), ("conv", 1)]
+
+
+def test_compile_must_be_a_bool(tiny_cnn, probe):
+    from lightning_anomaly.engine import analyze as run_analysis
+
+    with pytest.raises(TypeError, match="compile must be a bool"):
+        run_analysis(tiny_cnn, probe[0], compile="yes")

@@ -107,3 +107,55 @@ def test_bf16_and_channels_last_match_float(fmt):
         other, *_ = reduce_maps(maps.to(memory_format=torch.channels_last), 2)
     assert other.dtype == torch.float32
     assert torch.allclose(other, ref, atol=1e-5)
+
+
+def _svd_points(maps, groups, q):
+    """Oracle in float64: class means removed, exact SVD, scores scaled to unit mean squared norm."""
+    n, c = maps.shape[:2]
+    x = maps.double().reshape(n, c, -1).transpose(0, 1)  # (C, N, D)
+    ids = groups if groups is not None else torch.zeros(n, dtype=torch.long)
+    for g in ids.unique():
+        rows = ids == g
+        x[:, rows] -= x[:, rows].mean(1, keepdim=True)
+    u, s, _ = torch.linalg.svd(x, full_matrices=False)
+    scores = u[..., :q] * s[:, None, :q]
+    scores = scores / scores.square().sum(-1).mean(-1).sqrt()[:, None, None]
+    explained = s[:, :q].square().sum(-1) / s.square().sum(-1)
+    return scores, explained
+
+
+@pytest.mark.parametrize("with_groups", [True, False])
+@pytest.mark.parametrize("shape", [(6, 6), (20, 20)])  # D <= N: covariance; D > N: Gram matrix
+def test_reduce_maps_matches_exact_svd_across_chunks(monkeypatch, with_groups, shape):
+    from lightning_anomaly.engine import capture
+
+    monkeypatch.setattr(capture, "_REDUCE_CHUNK_BYTES", 3 * 64 * shape[0] * shape[1] * 4)  # chunks of 3 filters
+    g = torch.Generator().manual_seed(0)
+    n, c = 64, 8
+    groups = torch.arange(n) % 4 if with_groups else None
+    # Class offsets and a large common mean on top of a few strong directions per filter.
+    scores = torch.randn(c, n, 3, generator=g) * torch.tensor([4.0, 2.0, 0.5])
+    maps = (scores @ torch.randn(c, 3, shape[0] * shape[1], generator=g)).transpose(0, 1).reshape(n, c, *shape)
+    maps = maps + 0.05 * torch.randn(n, c, *shape, generator=g) + 3.0
+    if with_groups:
+        maps = maps + torch.randn(4, c, *shape, generator=g)[groups]
+    maps[:, 4] = float("nan")  # a non-finite filter inside the second chunk
+    points, explained, activation, reason = reduce_maps(maps, 2, groups=groups)
+    assert reason.tolist() == [0, 0, 0, 0, 1, 0, 0, 0]
+    ref, ref_explained = _svd_points(torch.nan_to_num(maps), groups, 2)
+    for f in [0, 1, 2, 3, 5, 6, 7]:
+        sign = torch.sign((points[f].double() * ref[f]).sum(0))
+        assert torch.allclose(points[f].double() * sign, ref[f], atol=1e-3)
+        assert explained[f].item() == pytest.approx(ref_explained[f].item(), rel=1e-4)
+        assert activation[f].item() == pytest.approx(maps[:, f].double().abs().mean().item(), rel=1e-6)
+    assert activation[4] == 0 and (points[4] == 0).all()
+
+
+def test_constant_detection_is_relative_and_survives_a_large_mean():
+    g = torch.Generator().manual_seed(0)
+    maps = torch.full((32, 3, 8, 8), 1000.0)
+    maps[:, 1] += 1e-4 * torch.randn(32, 8, 8, generator=g)  # spread 1e-7 of the mean: below float32, constant
+    maps[:, 2] += 1e-1 * torch.randn(32, 8, 8, generator=g)  # a real spread under a large mean
+    _, _, activation, reason = reduce_maps(maps, 2, groups=torch.arange(32) % 2)
+    assert reason.tolist() == [2, 2, 0]
+    assert activation[0].item() == pytest.approx(1000.0)

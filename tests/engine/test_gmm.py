@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -142,3 +144,32 @@ def test_refills_and_compaction_keep_every_problem_its_own_fit(chunk_size):
         for j in range(3):
             members = fit.labels[i] == j
             assert np.allclose(fit.means[i, j].numpy(), x[members.numpy()].mean(0), atol=0.1 * float(pts[i].std()))
+
+
+def test_compile_must_be_a_bool():
+    with pytest.raises(TypeError, match="compile must be a bool"):
+        fit_gmm(torch.randn(2, 20, 2), 2, compile="yes")
+
+
+def test_compile_without_a_cxx_compiler_names_the_fix(monkeypatch):
+    from lightning_anomaly.engine import gmm
+
+    monkeypatch.setattr(gmm, "_COMPILED", [])
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(gmm.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match=r"needs a C\+\+ compiler.*install g\+\+ or clang.*compile=False"):
+        fit_gmm(torch.randn(2, 20, 2), 2, compile=True)
+
+
+@pytest.mark.skipif(
+    not os.environ.get("LIGHTNING_ANOMALY_TEST_COMPILE"),
+    reason="compiles the steps (a minute on a CPU); set LIGHTNING_ANOMALY_TEST_COMPILE=1",
+)
+def test_compiled_steps_give_the_eager_labels():
+    g = torch.Generator().manual_seed(0)
+    pts = torch.cat([torch.randn(64, 100, 2, generator=g), torch.randn(64, 8, 2, generator=g) * 0.1 + 5.0], dim=1)
+    for k in (2, 3):
+        eager = fit_gmm(pts, k, generator=torch.Generator().manual_seed(0))
+        compiled = fit_gmm(pts, k, generator=torch.Generator().manual_seed(0), compile=True)
+        assert (eager.labels == compiled.labels).all(1).double().mean() >= 0.95
+        assert torch.allclose(eager.lower_bound, compiled.lower_bound, atol=1e-3)

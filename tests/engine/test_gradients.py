@@ -216,3 +216,58 @@ def test_vmap_leaves_no_functorch_wrapper_on_pruned_modules():
     per_sample_grad_norms(net, x, y, method="vmap")
     net.c2.weight.data_ptr()  # a real tensor: a leaked functorch wrapper has no storage
     copy.deepcopy(net)
+
+
+# ---------------------------------------------------------------- conv weight norms tap by tap
+def per_sample_weight_sq_norms(conv, x, d):
+    """Oracle: one backward per sample, the conv's weight gradient squared and summed in float64."""
+    out = []
+    for i in range(x.shape[0]):
+        w = conv.weight.detach().clone().requires_grad_()
+        y = nn.functional.conv2d(x[i : i + 1], w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        (g,) = torch.autograd.grad((y * d[i : i + 1]).sum(), w)
+        out.append(g.double().square().sum())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("kernel", [1, 3, (2, 3), 5])
+@pytest.mark.parametrize("stride", [1, 2, (3, 1)])
+@pytest.mark.parametrize("dilation", [1, 2])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("padding", [0, 1, "same"])
+def test_tap_by_tap_conv_norm_equals_one_backward_per_sample(monkeypatch, kernel, stride, dilation, groups, padding):
+    from lightning_anomaly.engine import gradients
+
+    if padding == "same" and stride != 1:
+        pytest.skip("padding='same' needs stride 1")
+    monkeypatch.setattr(gradients, "_MIN_TAP_CHANNELS", 1)
+    monkeypatch.setattr(gradients, "_ghost_is_cheaper", lambda *a: False)  # always the tap path
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 6, kernel, stride=stride, dilation=dilation, groups=groups, padding=padding)
+    x = torch.randn(4, 8, 11, 14)
+    d = torch.randn_like(conv(x))
+    ours = gradients._conv_weight_sq_norm(conv, x, d)
+    assert ours is not None and ours.dtype == torch.float64
+    assert torch.allclose(ours, per_sample_weight_sq_norms(conv, x, d), rtol=1e-5)
+
+
+def test_tap_path_is_chosen_on_large_maps_and_whole_model_norms_match_the_loop():
+    from lightning_anomaly.engine import gradients
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(16, 16, 3, padding=1),  # 16 channels at 16x16: tap by tap
+        nn.ReLU(),
+        nn.Conv2d(16, 12, 3, stride=2, padding=1),  # strided: tap by tap through polyphase parts
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(12 * 8 * 8, 3),
+    )
+    x, y = torch.randn(6, 1, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2])
+    h = net[1](net[0](x)).clone()
+    assert gradients._conv_weight_sq_norm(net[2], h, torch.randn(6, 16, 16, 16)) is not None
+    assert gradients._conv_weight_sq_norm(net[0], x, torch.randn(6, 16, 16, 16)) is None  # one input channel
+    ours = per_sample_grad_norms(net, x, y, method="ghost")
+    assert torch.allclose(ours, manual_norms(net, x, y), rtol=1e-5)
