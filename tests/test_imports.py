@@ -57,3 +57,21 @@ def test_public_names_are_listed_and_resolve():
         assert getattr(lightning_anomaly, name) is not None, name
     with pytest.raises(AttributeError, match="has no attribute 'not_a_name'"):
         _ = lightning_anomaly.not_a_name
+
+
+@pytest.mark.parametrize(
+    ("old", "name", "new"),
+    [
+        ("lightning_anomaly.report", "AnalysisReport", "lightning_anomaly.results"),
+        ("lightning_anomaly.report", "merge_reports", "lightning_anomaly.engine.outliers"),
+        ("lightning_anomaly.viz.report", "build_report", "lightning_anomaly.viz.page"),
+    ],
+)
+def test_moved_names_still_resolve_with_a_deprecation_warning(old, name, new):
+    import importlib
+
+    with pytest.warns(DeprecationWarning, match=rf"{old}\.{name} moved to {new}\.{name}"):
+        value = getattr(importlib.import_module(old), name)
+    assert value is getattr(importlib.import_module(new), name)
+    with pytest.raises(AttributeError, match="has no attribute 'not_a_name'"):
+        _ = importlib.import_module(old).not_a_name
