@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ import torch
 from scipy.stats import mannwhitneyu, spearmanr
 from sklearn.metrics import roc_auc_score
 
-from lightning_anomaly import AnomalyCriteria, analyze
+from lightning_anomaly import AnalysisReport, AnomalyCriteria, analyze
 from lightning_anomaly.ablation import ablate_filters
 from lightning_anomaly.demo import SmallCNN, digits_tensors
 from lightning_anomaly.demo.data import shapes_tensors, stamp_trigger
@@ -81,6 +82,40 @@ VARIANTS: dict[str, AnomalyCriteria] = {
     "share 20%, theta 0.5": _rule(0.20, theta=0.5),
 }
 DEFAULT = "share 20%, theta 0.5"
+
+
+def column(gt: str, dataset: str) -> str:
+    return f"{gt.split()[0]} {dataset}"
+
+
+@dataclass(frozen=True)
+class Config:
+    """One invocation's settings; the tables above stay read-only."""
+
+    seeds: int = 3
+    epochs: int = 30
+    every: int = 3
+    datasets: tuple[str, ...] = tuple(DATASETS)
+    out: Path = Path("docs")
+
+    @property
+    def columns(self) -> list[tuple[str, str]]:
+        """(ground truth, data set) pairs, one per table column, ground truths outermost."""
+        return [(gt, ds) for gt in GROUND_TRUTHS for ds in self.datasets]
+
+    @property
+    def column_names(self) -> list[str]:
+        return [column(gt, ds) for gt, ds in self.columns]
+
+    @property
+    def command(self) -> str:
+        """The command line quoted in RESULTS.md (settings left at their defaults are omitted)."""
+        return (
+            "python experiments/run_all.py"
+            + (f" --seeds {self.seeds}" if self.seeds != Config.seeds else "")
+            + (f" --epochs {self.epochs}" if self.epochs != Config.epochs else "")
+            + (f" --datasets {','.join(self.datasets)}" if len(self.datasets) != len(DATASETS) else "")
+        )
 
 
 def auroc(labels: np.ndarray, score: np.ndarray) -> float | None:
@@ -147,6 +182,7 @@ def run_one(dataset: str, name: str, spec: dict[str, Any], seed: int, epochs: in
         if "backdoor" in spec["data"]:
             row["asr"] = attack_success(model, xva, yva)
         base = per_sample_baselines(model, px, py)
+        assert report.grad_norms is not None  # analysed with targets
         grads = report.grad_norms.numpy()
         row["baseline_auroc"] = {
             "loss": auroc(truth, base["loss"]),
@@ -155,6 +191,7 @@ def run_one(dataset: str, name: str, spec: dict[str, Any], seed: int, epochs: in
         }
         for vname, crit in VARIANTS.items():
             r = report.reflag(crit)
+            assert r.outlier_scores is not None  # made by this release's analyze
             counts = r.outlier_counts.numpy()
             scores = r.outlier_scores.numpy()
             out = counts > 0
@@ -186,17 +223,28 @@ def run_one(dataset: str, name: str, spec: dict[str, Any], seed: int, epochs: in
     return result
 
 
-def clustering_variants(model, px, py, truth, seed) -> dict[str, Any]:
+def clustering_variants(
+    model: torch.nn.Module, px: torch.Tensor, py: torch.Tensor, truth: np.ndarray, seed: int
+) -> dict[str, Any]:
     out = {}
     for vname, spec in CLUSTERING_VARIANTS.items():
         n = spec.get("probe", len(px))
         crit, layers = spec.get("criteria"), spec.get("layers")
         report = analyze(model, px[:n], py[:n], criteria=crit, layers=layers, seed=seed)
+        assert report.outlier_scores is not None
         out[vname] = {"count": report.anomaly_count, "auroc": auroc(truth[:n], report.outlier_scores.numpy())}
     return out
 
 
-def ablation(model, report, xtr, ytr, xva, yva, backdoor: bool) -> dict[str, Any]:
+def ablation(
+    model: torch.nn.Module,
+    report: AnalysisReport,
+    xtr: torch.Tensor,
+    ytr: torch.Tensor,
+    xva: torch.Tensor,
+    yva: torch.Tensor,
+    backdoor: bool,
+) -> dict[str, Any]:
     filters = [(n.split("#")[0], c) for n, lr in report.layers.items() for c in lr.anomaly_indices]
     if not filters:
         return {"n": 0}
@@ -212,13 +260,6 @@ def ablation(model, report, xtr, ytr, xva, yva, backdoor: bool) -> dict[str, Any
     return out
 
 
-def column(gt: str, dataset: str) -> str:
-    return f"{gt.split()[0]} {dataset}"
-
-
-COLUMNS = [(gt, ds) for gt in GROUND_TRUTHS for ds in DATASETS]
-
-
 def _rho(counts: list[int], gaps: list[float]) -> float | None:
     return float(spearmanr(counts, gaps).statistic) if len(set(counts)) > 1 else None
 
@@ -228,9 +269,9 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+def summarise(results: list[dict[str, Any]], config: Config) -> dict[str, Any]:
     summary: dict[str, Any] = {}
-    for gt, ds in COLUMNS:
+    for gt, ds in config.columns:
         runs = [r for r in results if r["ground_truth"] == gt and r["dataset"] == ds]
         gaps = [[row["gap"] for row in run["rows"]] for run in runs]
         per_variant = {}
@@ -272,16 +313,17 @@ def fmt(v: Any, digits: int = 2) -> str:
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
-def plots(results: list[dict[str, Any]], out: Path) -> list[str]:
+def plots(results: list[dict[str, Any]], config: Config) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    datasets = config.datasets
     fig, axes = plt.subplots(
-        len(DATASETS), len(GROUND_TRUTHS), figsize=(4 * len(GROUND_TRUTHS), 3.0 * len(DATASETS)), squeeze=False
+        len(datasets), len(GROUND_TRUTHS), figsize=(4 * len(GROUND_TRUTHS), 3.0 * len(datasets)), squeeze=False
     )
-    for row_axes, ds in zip(axes, DATASETS, strict=True):
+    for row_axes, ds in zip(axes, datasets, strict=True):
         for ax, gt in zip(row_axes, GROUND_TRUTHS, strict=True):
             for run in (r for r in results if r["ground_truth"] == gt and r["dataset"] == ds):
                 ep = [row["epoch"] for row in run["rows"]]
@@ -294,24 +336,25 @@ def plots(results: list[dict[str, Any]], out: Path) -> list[str]:
             ax.set_xlabel("epoch")
             ax.set_ylabel("anomaly filters", color="C3")
     fig.tight_layout()
-    fig.savefig(out / "e1_count_vs_gap.png", dpi=80)
+    fig.savefig(config.out / "e1_count_vs_gap.png", dpi=80)
     plt.close(fig)
     return ["e1_count_vs_gap.png"]
 
 
-def _table(header: str, rows: list[tuple[str, list[str]]]) -> list[str]:
-    cols = [column(gt, ds) for gt, ds in COLUMNS]
+def _table(header: str, rows: list[tuple[str, list[str]]], cols: list[str]) -> list[str]:
     lines = [f"| {header} | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows]
     return lines
 
 
-def write_markdown(results, summary, out: Path, figures: list[str], command: str, seconds: float) -> None:
-    cols = [column(gt, ds) for gt, ds in COLUMNS]
+def write_markdown(
+    results: list[dict[str, Any]], summary: dict[str, Any], config: Config, figures: list[str], seconds: float
+) -> None:
+    cols = config.column_names
     lines = [
         "# Evidence: anomaly filters against planted ground truth",
         "",
-        f"Generated by `{command}` in {seconds / 60:.1f} min on a 2-core CPU (torch {torch.__version__}). Every number",
+        f"Generated by `{config.command}` in {seconds / 60:.1f} min on a 2-core CPU (torch {torch.__version__}). Every number",
         "below comes from `results.json` next to this file, written by the same run. Columns: ground truth and setting",
         "(G1 label noise, G2 backdoor, G3 rare inputs, C control; digits or shapes), 3 seeds each unless noted.",
         "",
@@ -341,6 +384,7 @@ def write_markdown(results, summary, out: Path, figures: list[str], command: str
             )
             for v in VARIANTS
         ],
+        cols,
     )
     lines += ["", *[f"![{f}]({f})" for f in figures], ""]
     lines += [
@@ -364,7 +408,7 @@ def write_markdown(results, summary, out: Path, figures: list[str], command: str
         for v in VARIANTS
     ]
     rows += [(f"baseline: {b}", [fmt(summary[c]["baselines"][b]) for c in cols]) for b in ("loss", "EL2N", "GraNd")]
-    lines += _table("rule", rows)
+    lines += _table("rule", rows, cols)
     lines += [
         "",
         f"Precision at k (k = planted samples in the probe) of the outlier score, {DEFAULT}: "
@@ -379,7 +423,7 @@ def write_markdown(results, summary, out: Path, figures: list[str], command: str
         "| ground truth | ratio | analyses with p < 0.05 |",
         "|---|---|---|",
     ]
-    for gt, ds in COLUMNS:
+    for gt, ds in config.columns:
         ps = [
             row["variants"][DEFAULT]["mw_p"]
             for r in results
@@ -445,9 +489,10 @@ def write_markdown(results, summary, out: Path, figures: list[str], command: str
             )
             for v in CLUSTERING_VARIANTS
         ],
+        cols,
     )
-    lines += ["", *targets(summary), ""]
-    target = out / "RESULTS.md"
+    lines += ["", *targets(summary, config), ""]
+    target = config.out / "RESULTS.md"
     # Keep the cross-run section that experiments/overfit_signal.py writes into this file.
     kept = ""
     if target.exists():
@@ -458,10 +503,10 @@ def write_markdown(results, summary, out: Path, figures: list[str], command: str
     target.write_text("\n".join(lines) + "\n" + kept)
 
 
-def targets(summary: dict[str, Any]) -> list[str]:
+def targets(summary: dict[str, Any], config: Config) -> list[str]:
     """The issue's targets for the package defaults, checked against this run's numbers, per setting."""
     lines = [f"## Targets for the defaults ({DEFAULT})", ""]
-    for ds in DATASETS:
+    for ds in config.datasets:
         d = {gt: summary[column(gt, ds)]["variants"][DEFAULT] for gt in GROUND_TRUTHS}
         e1 = [d[gt]["spearman_count_gap"] for gt in ("G1 label noise", "G2 backdoor")]
         e1_ok = all(v is not None and v >= 0.5 for v in e1)
@@ -500,33 +545,39 @@ def targets(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--every", type=int, default=3)
-    p.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated subset of: " + ", ".join(DATASETS))
-    p.add_argument("--out", default="docs")
-    args = p.parse_args()
+    p.add_argument("--seeds", type=int, default=Config.seeds)
+    p.add_argument("--epochs", type=int, default=Config.epochs)
+    p.add_argument("--every", type=int, default=Config.every)
+    p.add_argument(
+        "--datasets", default=",".join(Config.datasets), help="comma-separated subset of: " + ", ".join(DATASETS)
+    )
+    p.add_argument("--out", type=Path, default=Config.out)
+    args = p.parse_args(argv)
     if VARIANTS[DEFAULT] != AnomalyCriteria():
         raise SystemExit(f"DEFAULT ({DEFAULT!r}) is no longer the package default {AnomalyCriteria()}; update VARIANTS")
     chosen = [d.strip() for d in args.datasets.split(",") if d.strip()]
     unknown = [d for d in chosen if d not in DATASETS]
     if unknown:
         p.error(f"unknown data sets {unknown}; choose from {list(DATASETS)}")
-    for name in list(DATASETS):
-        if name not in chosen:
-            del DATASETS[name]
-    COLUMNS[:] = [(gt, ds) for gt in GROUND_TRUTHS for ds in DATASETS]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    return Config(
+        seeds=args.seeds,
+        epochs=args.epochs,
+        every=args.every,
+        datasets=tuple(d for d in DATASETS if d in chosen),  # table order, each once
+        out=args.out,
+    )
+
+
+def run(config: Config) -> list[dict[str, Any]]:
+    """Train and analyse every (data set, ground truth, seed), printing a line per run."""
     results = []
-    for ds in DATASETS:
+    for ds in config.datasets:
         for name, spec in GROUND_TRUTHS.items():
-            for seed in range(args.seeds):
+            for seed in range(config.seeds):
                 t0 = time.perf_counter()
-                results.append(run_one(ds, name, spec, seed, args.epochs, args.every))
+                results.append(run_one(ds, name, spec, seed, config.epochs, config.every))
                 last = results[-1]["rows"][-1]
                 print(
                     f"{ds} {name} seed {seed}: train {last['train_acc']:.3f} val {last['val_acc']:.3f} "
@@ -534,16 +585,24 @@ def main() -> None:
                     f"({time.perf_counter() - t0:.0f} s)",
                     flush=True,
                 )
-    summary = summarise(results)
-    (out / "results.json").write_text(json.dumps({"results": results, "summary": summary}, default=float))
-    figures = plots(results, out)
-    command = (
-        "python experiments/run_all.py"
-        + (f" --seeds {args.seeds}" if args.seeds != 3 else "")
-        + (f" --epochs {args.epochs}" if args.epochs != 30 else "")
-        + (f" --datasets {','.join(DATASETS)}" if len(DATASETS) != 2 else "")
-    )
-    write_markdown(results, summary, out, figures, command, time.perf_counter() - start)
+    return results
+
+
+def render(results: list[dict[str, Any]], summary: dict[str, Any], config: Config, seconds: float) -> None:
+    """Write results.json, the figures and RESULTS.md into config.out."""
+    config.out.mkdir(parents=True, exist_ok=True)
+    (config.out / "results.json").write_text(json.dumps({"results": results, "summary": summary}, default=float))
+    figures = plots(results, config)
+    write_markdown(results, summary, config, figures, seconds)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv)
+    config.out.mkdir(parents=True, exist_ok=True)  # fail before hours of training, not after
+    start = time.perf_counter()
+    results = run(config)
+    summary = summarise(results, config)
+    render(results, summary, config, time.perf_counter() - start)
     print(json.dumps({c: s["variants"][DEFAULT] for c, s in summary.items()}))
 
 

@@ -191,7 +191,7 @@ def analyze(
         loss_fn: Loss for the gradient norms; cross-entropy by default.
         forward: ``(model, inputs) -> output``; ``model(inputs)`` by default.
         output_transform: Maps the model's output to ``loss_fn``'s input (tuple or dict outputs).
-        on_layer: Called with each site name as its maps are reduced (progress).
+        on_layer: Called with each layer name as its maps are reduced (progress).
         classes: ``(N,)`` class labels (or ``(N, C)`` one-hot/probabilities) for the class-aware
             flags when ``targets`` are not given or are not class labels; taken from ``targets`` by
             default. Without class labels the label-free bound applies (``label_free_fraction``).
@@ -234,7 +234,7 @@ def analyze(
             "the model has no trainable parameter, so per-sample gradient norms are undefined; call analyze "
             "without targets"
         )
-    sites = select_layers(model, layers)
+    modules = select_layers(model, layers)
     x = model_inputs(model, inputs, device)
     if classes is not None and (not isinstance(classes, Tensor) or classes.shape[0] != n):
         raise ValueError(
@@ -250,7 +250,7 @@ def analyze(
     captures = capture_layers(
         model,
         x,
-        sites,
+        modules,
         criteria.n_components,
         pca=pca,
         forward=forward,

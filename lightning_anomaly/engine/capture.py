@@ -5,7 +5,7 @@ into ``(C, N, q)`` PCA points plus per-filter statistics before the forward move
 bounded by one layer's probe activations plus ``O(filters x N)``.
 
 A module that runs more than once in one forward (a shared block, a recurrent stem) fires its
-hook once per call. Each call is analysed as its own *site*: the first keeps the module's name, the
+hook once per call. Each call is analysed as its own *layer*: the first keeps the module's name, the
 i-th later call is named ``"<name>#<i>"`` (``"block#1"`` for the second call).
 """
 
@@ -50,10 +50,10 @@ PCAFn = Callable[[Tensor, int], tuple[Tensor, Tensor]]
 
 @dataclass
 class LayerCapture:
-    """One analysed site: a conv module's output during one call.
+    """One analysed layer: a conv module's output during one call.
 
     Attributes:
-        name: Site name (module name, ``#i`` appended for repeated calls).
+        name: Layer name (module name, ``#i`` appended for repeated calls).
         module_name: Name of the module in ``model.named_modules()``.
         map_shape: ``(H, W)`` of the feature maps.
         points: ``(C, N, q)`` float32 PCA points, scaled per filter to unit mean squared norm;
@@ -291,7 +291,7 @@ def capture_layers(
     required: Collection[str] | None = None,
     groups: Tensor | None = None,
 ) -> list[LayerCapture]:
-    """Run one probe forward and return the reduced output of every selected site.
+    """Run one probe forward and return the reduced output of every selected layer (one per call of each module).
 
     Sites come in the order of ``layers`` (module definition order), repeated calls of a module
     after its first one.
@@ -306,7 +306,7 @@ def capture_layers(
         n_components: PCA dimensions.
         pca: Batched PCA function (the reference backend passes scikit-learn's).
         forward: How to call the model; defaults to ``model(inputs)``.
-        on_layer: Called with each site name once it is reduced (progress reporting).
+        on_layer: Called with each layer name once it is reduced (progress reporting).
         required: Names of the selected modules that must run (all of them when ``None``);
             others that did not run (auxiliary heads that only run in training) are left out.
         groups: ``(N,)`` class ids; each class's mean map is removed before the PCA (see
@@ -328,13 +328,13 @@ def capture_layers(
                 )
             i = calls.get(name, 0)
             calls[name] = i + 1
-            site = name if i == 0 else f"{name}#{i}"
+            layer = name if i == 0 else f"{name}#{i}"
             # Out of any autocast region (bf16-mixed, fp16-mixed): the PCA runs in float32 or better.
             with torch.autocast(output.device.type, enabled=False):
                 points, explained, activation, reason = reduce_maps(output.detach(), n_components, pca, groups)
             out.append(
                 LayerCapture(
-                    site,
+                    layer,
                     name,
                     (int(output.shape[2]), int(output.shape[3])),
                     points,
@@ -345,7 +345,7 @@ def capture_layers(
                 )
             )
             if on_layer is not None:
-                on_layer(site)
+                on_layer(layer)
 
         return hook
 
