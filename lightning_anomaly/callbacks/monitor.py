@@ -299,7 +299,7 @@ class AnomalyFilterCallback(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._budget.clock.stop()  # training time counts from the end of this hook
         with self._budget.clock.timed():
-            self._prepare(trainer)
+            self._prepare(trainer, pl_module)
             if self.save_probe and (path := self.history_path(trainer)) is not None and trainer.is_global_zero:
                 assert self.probe is not None
                 _record.save_probe_file(path, self.probe, self.probe_indices)
@@ -307,9 +307,10 @@ class AnomalyFilterCallback(Callback):
                 self._warned_no_logger = True
                 _record.warn_without_logger(self.history_path(trainer))  # every rank: a collective under DDP
 
-    def _prepare(self, trainer: Trainer) -> None:
+    def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Share the probe and send it through the model: settle the layers and the gradient targets."""
-        pl_module = trainer.lightning_module
+        if not self._layer_names:  # run_analysis called outside a fit
+            self._layer_names = self.select_layers(pl_module)
 
         def read(indices: list[int] | None) -> tuple[Any, list[int]]:
             return read_training_probe(
@@ -418,7 +419,7 @@ class AnomalyFilterCallback(Callback):
         """Analyse the probe now; every rank returns the same report (``distribute``: split across ranks)."""
         with intra_op_threads(self.num_threads):
             if not self._probe.checked:  # outside a fit's on_train_start
-                self._prepare(trainer)
+                self._prepare(trainer, pl_module)
             probe = self.probe
             assert probe is not None
             forward = self.probe_forward(trainer)
