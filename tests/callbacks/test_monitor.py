@@ -251,3 +251,12 @@ def test_probe_larger_than_the_dataset_warns(tmp_path):
     ):
         fit(tmp_path, [monitor], max_epochs=1)
     assert monitor.probe_indices == list(range(96))
+
+
+def test_run_analysis_outside_a_fit_selects_its_layers(tmp_path):
+    trainer, model = fit(tmp_path, max_epochs=1)
+    x, y = make_data(32).tensors
+    monitor = AnomalyFilterCallback(probe=(x, y), history_file=None)  # never set up by a fit
+    report = monitor.run_analysis(trainer, model)
+    assert list(report.layers) == ["conv1", "conv2"]
+    assert report.n_samples == 32 and report.grad_norms is not None and report.grad_norms.shape == (32,)
