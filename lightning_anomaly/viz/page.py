@@ -308,6 +308,7 @@ def _gallery_html(doc: dict[str, Any], probe: dict[str, Any] | None, source: str
     if not shown:
         return "<p class='hint'>The last analysis singled out no sample.</p>"
     plt = _pyplot()
+    in_set = set(doc["history"][-1].get("outlier_indices") or [])
     cells = []
     for i in shown:
         buf = io.BytesIO()
@@ -315,12 +316,16 @@ def _gallery_html(doc: dict[str, Any], probe: dict[str, Any] | None, source: str
         plt.imsave(buf, arr, format="png", cmap="gray" if arr.ndim == 2 else None)
         b64 = base64.b64encode(buf.getvalue()).decode()
         cap = html.escape(_caption(probe, i))
+        kind = "sample flagged" if i in in_set else "sample"
         cells.append(
-            f'<figure class="sample"><img alt="{cap}" src="data:image/png;base64,{b64}"><figcaption>{cap}</figcaption></figure>'
+            f'<figure class="{kind}"><img alt="{cap}" src="data:image/png;base64,{b64}"><figcaption>{cap}</figcaption></figure>'
         )
+    flagged = sum(i in in_set for i in shown)
     return (
         f"<p>The package's ranking (<code>monitor.top_outliers()</code>, most suspicious first), "
-        f"captioned with dataset index and label ({html.escape(source)}).</p>"
+        f"captioned with dataset index and label ({html.escape(source)}). Framed in red: the {flagged} of these "
+        f"{len(shown)} that an anomaly filter's tiny cluster holds (the outlier set, {len(in_set)} samples in "
+        "all); the others rank by their outlier score alone.</p>"
         f'<div class="gallery">{"".join(cells)}</div>'
     )
 
@@ -402,6 +407,7 @@ def build_report(
 img{{max-width:100%}}table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}
 code{{background:#f4f4f4;padding:1px 4px}}
 .gallery{{display:grid;grid-template-columns:repeat(auto-fill,minmax(96px,1fr));gap:10px}}
+.sample.flagged img{{outline:3px solid #d62728}}
 figure.sample{{margin:0;text-align:center}}figure.sample img{{width:96px;height:96px;object-fit:contain;image-rendering:pixelated;border:1px solid #ddd}}
 figcaption{{font-size:12px}}.hint{{color:#666}}</style></head><body>
 <h1>Anomaly filters: {html.escape(str(path.parent))}</h1>
