@@ -144,8 +144,12 @@ def _figures(
         ax.axvline(e, color="k", ls=":", lw=1)
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="best", fontsize=8)
+    # Below the axes, so the legend never covers a line.
+    ax.legend(
+        lines[0] + lines2[0], lines[1] + lines2[1], loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, fontsize=8
+    )
     ax.set_title("anomaly filters vs accuracy" + (" (dotted: prune events)" if prunes else ""))
+    fig.tight_layout()
     figs["curves"] = fig
 
     layers = list(history[-1]["layer_anomaly_counts"]) if history else []
@@ -165,6 +169,12 @@ def _figures(
         )
         ax.set_xticks(range(len(epochs)), epochs, fontsize=7)
         ax.set_xlabel("epoch (0-based)")
+        if len(layers) * len(epochs) <= 400:  # each cell's value, so the darkest cells still read exactly
+            for r, row in enumerate(grid):
+                for c, value in enumerate(row):
+                    if value > 0:
+                        text = f"{value:.0%}" if known else f"{value:g}"
+                        ax.text(c, r, text, ha="center", va="center", fontsize=6, color="w" if value > top / 2 else "k")
         fig.colorbar(im, ax=ax, label="share of the layer's filters" if known else "anomaly filters")
         ax.set_title("anomaly filters per layer (share of its filters; white = none)")
         fig.tight_layout()
