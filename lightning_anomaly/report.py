@@ -16,17 +16,26 @@ _MOVED = {
     "count_outliers": "lightning_anomaly.engine.outliers",
     "merge_reports": "lightning_anomaly.engine.outliers",
     "score_outliers": "lightning_anomaly.engine.outliers",
+    "_CLUSTERING_SETTINGS": "lightning_anomaly.results",
 }
+_RENAMED = {"_CLUSTERING_SETTINGS": "CLUSTERING_SETTINGS"}
+
+__all__ = ["AnalysisReport", "LayerReport", "count_outliers", "merge_reports", "score_outliers"]  # noqa: F822 (forwarded lazily)
 
 
 def __getattr__(name: str) -> Any:
     module = _MOVED.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    new = _RENAMED.get(name, name)
     warnings.warn(
-        f"lightning_anomaly.report.{name} moved to {module}.{name}; import it from there "
+        f"lightning_anomaly.report.{name} moved to {module}.{new}; import it from there "
         "(or AnalysisReport and LayerReport from lightning_anomaly)",
         DeprecationWarning,
         stacklevel=2,
     )
-    return getattr(importlib.import_module(module), name)
+    return getattr(importlib.import_module(module), new)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -65,13 +65,19 @@ def test_public_names_are_listed_and_resolve():
         ("lightning_anomaly.report", "AnalysisReport", "lightning_anomaly.results"),
         ("lightning_anomaly.report", "merge_reports", "lightning_anomaly.engine.outliers"),
         ("lightning_anomaly.viz.report", "build_report", "lightning_anomaly.viz.page"),
+        ("lightning_anomaly.report", "_CLUSTERING_SETTINGS", "lightning_anomaly.results"),
     ],
 )
 def test_moved_names_still_resolve_with_a_deprecation_warning(old, name, new):
     import importlib
 
-    with pytest.warns(DeprecationWarning, match=rf"{old}\.{name} moved to {new}\.{name}"):
+    now = name.lstrip("_")
+    with pytest.warns(DeprecationWarning, match=rf"{old}\.{name} moved to {new}\.{now}"):
         value = getattr(importlib.import_module(old), name)
-    assert value is getattr(importlib.import_module(new), name)
+    assert value is getattr(importlib.import_module(new), now)
+    with pytest.warns(DeprecationWarning):  # a star import still brings the public names
+        namespace: dict = {}
+        exec(f"from {old} import *", namespace)
+    assert "AnalysisReport" in namespace or "build_report" in namespace
     with pytest.raises(AttributeError, match="has no attribute 'not_a_name'"):
         _ = importlib.import_module(old).not_a_name

@@ -129,7 +129,7 @@ class RecordSettings:
 
     Attributes:
         prefix: Prefix of the logged tags.
-        history_file: File name of the JSON history in the log directory, or ``None``.
+        history: Where the JSON history goes (``None``: nowhere), from the monitor's ``history_path``.
         header: What the history file says besides its entries (``criteria``, ``state_key``).
         log_histograms: Write histograms to TensorBoard.
         layout_metrics: Metrics charted beside the count (``None``: guessed).
@@ -138,7 +138,7 @@ class RecordSettings:
     """
 
     prefix: str
-    history_file: str | None
+    history: Path | None
     header: dict[str, Any]
     log_histograms: bool
     layout_metrics: list[str] | None
@@ -188,7 +188,7 @@ class Recorder:
         layout = None if self.layout_written else (how.layout_metrics or [])
         tensorboard_extras(trainer, report, how.prefix, how.log_histograms, layout)
         self.layout_written = True
-        path = history_path(trainer, how.history_file)
+        path = how.history
         if path is not None and trainer.is_global_zero:
             plain = report.to_dict(tensors="list", labels=False)  # once, for the history and the thumbnails
             self.write(path, indices, how, plain)
@@ -204,10 +204,7 @@ class Recorder:
         return entry
 
     def refresh_metrics(self, trainer: Trainer, indices: list[int] | None, how: RecordSettings) -> None:
-        """Add the epoch-level metrics reduced after the analysis to its entry; rewrite the file when they changed.
-
-        Call it on every rank (the history path is a collective under DDP).
-        """
+        """Add the epoch-level metrics reduced after the analysis to its entry; rewrite the file when they changed."""
         if not self.history or trainer.sanity_checking:
             return
         last = self.history[-1]
@@ -216,7 +213,7 @@ class Recorder:
             metrics = {**last.get("metrics", {}), **metric_snapshot(trainer)}
             changed = metrics != last.get("metrics")
             last["metrics"] = metrics
-        path = history_path(trainer, how.history_file)  # every rank, unconditionally
+        path = how.history
         if changed and path is not None and trainer.is_global_zero:  # metrics may differ across ranks: no collective
             self.write(path, indices, how)
 

@@ -133,8 +133,9 @@ class AnomalyFilterCallback(Callback):
         self.criteria = criteria if criteria is not None else AnomalyCriteria()
         if not isinstance(self.criteria, AnomalyCriteria):
             raise TypeError(f"criteria must be an AnomalyCriteria, got {type(criteria).__name__}")
+        if probe is None:  # ignored beside an explicit probe
+            check_settings(probe_size=probe_size)
         check_settings(
-            probe_size=probe_size,
             every_n_epochs=every_n_epochs,
             backend=backend,
             prefix=prefix,
@@ -244,7 +245,7 @@ class AnomalyFilterCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._recorder.history[:] = list(state_dict.get("history", []))
+        self._recorder.history = list(state_dict.get("history", []))
         self._budget.load_state_dict(state_dict)
         saved = state_dict.get("probe_size", self.probe_size)
         if self._probe.restore(state_dict.get("probe_indices")) and saved != self.probe_size:
@@ -307,8 +308,11 @@ class AnomalyFilterCallback(Callback):
                 self._warned_no_logger = True
                 _record.warn_without_logger(self.history_path(trainer))  # every rank: a collective under DDP
 
-    def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Share the probe and send it through the model: settle the layers and the gradient targets."""
+    def _prepare(self, trainer: Trainer, pl_module: LightningModule, share: bool = True) -> None:
+        """Share the probe (``share``) and send it through the model: settle the layers and the gradient targets.
+
+        A fit shares it at every train start (a drawn probe is read again from the fit's data).
+        """
         if not self._layer_names:  # run_analysis called outside a fit
             self._layer_names = self.select_layers(pl_module)
 
@@ -322,7 +326,8 @@ class AnomalyFilterCallback(Callback):
                 criteria=self.criteria,
             )
 
-        self._probe.share(trainer, read)
+        if share:
+            self._probe.share(trainer, read)
         # Layers matched by default, class or pattern may be left out when they do not run in eval mode;
         # named ones (or all, when select_layers is overridden) must run.
         overridden = type(self).select_layers is not AnomalyFilterCallback.select_layers
@@ -339,11 +344,11 @@ class AnomalyFilterCallback(Callback):
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         with self._budget.clock.timed():
-            self._recorder.refresh_metrics(trainer, self.probe_indices, self._record_settings())
+            self._recorder.refresh_metrics(trainer, self.probe_indices, self._record_settings(trainer))
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._recorder.refresh_metrics(trainer, self.probe_indices, self._record_settings())
+        self._recorder.refresh_metrics(trainer, self.probe_indices, self._record_settings(trainer))
         self._budget.clock.stop()
 
     @override
@@ -392,16 +397,17 @@ class AnomalyFilterCallback(Callback):
                 self.probe,
                 self.probe_indices,
                 lambda rep, entry: self._notify_observers(trainer, pl_module, rep, entry),
-                self._record_settings(),
+                self._record_settings(trainer),
             )
             clock.last_analysis = time.perf_counter() - start
         return report
 
-    def _record_settings(self) -> _record.RecordSettings:
+    def _record_settings(self, trainer: Trainer) -> _record.RecordSettings:
+        """The settings of the moment; call it on every rank (the history path is a collective under DDP)."""
         header = {"criteria": self.criteria.to_dict(), "state_key": self.state_key}
         return _record.RecordSettings(
             self.prefix,
-            self.history_file,
+            self.history_path(trainer),
             header,
             self.log_histograms,
             self.layout_metrics,
@@ -419,7 +425,7 @@ class AnomalyFilterCallback(Callback):
         """Analyse the probe now; every rank returns the same report (``distribute``: split across ranks)."""
         with intra_op_threads(self.num_threads):
             if not self._probe.checked:  # outside a fit's on_train_start
-                self._prepare(trainer, pl_module)
+                self._prepare(trainer, pl_module, share=self._probe.data is None)
             probe = self.probe
             assert probe is not None
             forward = self.probe_forward(trainer)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+__all__ = ["build_report", "find_history"]  # noqa: F822 (forwarded lazily)
+
 
 def __getattr__(name: str) -> Any:
     from lightning_anomaly.viz import page
@@ -21,3 +23,7 @@ def __getattr__(name: str) -> Any:
         stacklevel=2,
     )
     return getattr(page, name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -307,3 +307,16 @@ def test_a_continued_fit_reads_its_probe_from_the_current_data(tmp_path):
 def test_save_probe_needs_a_history_file():
     with pytest.raises(ValueError, match="save_probe=True saves the probe next to the JSON history"):
         AnomalyFilterCallback(save_probe=True, history_file=None)
+
+
+def test_an_overridden_history_path_holds_the_history_and_the_thumbnails(tmp_path):
+    class Elsewhere(AnomalyFilterCallback):
+        def history_path(self, trainer):
+            return tmp_path / "mine" / "history.json"
+
+    monitor = Elsewhere(probe_size=32)
+    fit(tmp_path / "run", [monitor], max_epochs=2, logger=TensorBoardLogger(tmp_path / "run"))
+    saved = json.loads((tmp_path / "mine" / "history.json").read_text())
+    assert [e["epoch"] for e in saved["history"]] == [0, 1]
+    assert (tmp_path / "mine" / "anomaly_thumbnails.pt").exists()
+    assert not list((tmp_path / "run").rglob("anomaly_history.json"))
