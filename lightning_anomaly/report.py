@@ -28,10 +28,12 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     new = _RENAMED.get(name, name)
+    also = " (or from lightning_anomaly)" if name in ("AnalysisReport", "LayerReport") else ""
+    # FutureWarning, not DeprecationWarning: shown by default wherever the import is, also in library code.
     warnings.warn(
-        f"lightning_anomaly.report.{name} moved to {module}.{new}; import it from there "
-        "(or AnalysisReport and LayerReport from lightning_anomaly)",
-        DeprecationWarning,
+        f"lightning_anomaly.report.{name} moved to {module}.{new}; import it from there{also}. The old path goes "
+        "in a later release",
+        FutureWarning,
         stacklevel=2,
     )
     return getattr(importlib.import_module(module), new)

@@ -72,10 +72,10 @@ def test_moved_names_still_resolve_with_a_deprecation_warning(old, name, new):
     import importlib
 
     now = name.lstrip("_")
-    with pytest.warns(DeprecationWarning, match=rf"{old}\.{name} moved to {new}\.{now}"):
+    with pytest.warns(FutureWarning, match=rf"{old}\.{name} moved to {new}\.{now}"):
         value = getattr(importlib.import_module(old), name)
     assert value is getattr(importlib.import_module(new), now)
-    with pytest.warns(DeprecationWarning):  # a star import still brings the public names
+    with pytest.warns(FutureWarning):  # a star import still brings the public names
         namespace: dict = {}
         exec(f"from {old} import *", namespace)
     assert "AnalysisReport" in namespace or "build_report" in namespace

@@ -525,10 +525,18 @@ class AnomalyPruneCallback(Callback):
             return f"warm-up until epoch {self._arm_from()}"
         val = self._last_val
         gap_text = "" if val is None else f", train-val gap {self._gap(train, val):.3f} (min_gap={self.min_gap})"
-        return (
+        text = (
             f"{self.val_metric} has not improved for {self._stalled} of patience={self.patience} validations "
             f"(best {self._best_val}){gap_text}"
         )
+        if self._stalled >= self.patience:  # patience is spent: say which other condition is missing
+            gap_needed = "" if self.min_gap is None else f"a train-val gap above min_gap={self.min_gap} or "
+            text += (
+                f"; {self.train_metric} has not improved either ({train:.4g} against {self._train_at_best:.4g} at the "
+                f"best validation), and arming needs {gap_needed}an improving {self.train_metric}: the model is not "
+                "overfitting by this rule"
+            )
+        return text
 
     def _overfit_reason(self, epoch: int, train: float) -> dict[str, Any] | None:
         """The condition that arms ``"overfit"`` now, with the values it read, or ``None``."""

@@ -18,8 +18,8 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     warnings.warn(
         f"lightning_anomaly.viz.report.{name} moved to lightning_anomaly.viz.page.{name} "
-        "(build_report and find_history are also in lightning_anomaly.viz)",
-        DeprecationWarning,
+        "(build_report and find_history are also in lightning_anomaly.viz). The old path goes in a later release",
+        FutureWarning,
         stacklevel=2,
     )
     return getattr(page, name)

@@ -332,3 +332,18 @@ def test_verbose_says_what_an_unarmed_trigger_waits_for(tmp_path, caplog):
     assert lines[0] == "[prune] epoch 0: waiting; warm-up until epoch 3"
     assert lines[-1].startswith("[prune] epoch 5: waiting; val_acc has not improved for 2 of patience=3 validations")
     assert "train-val gap 0.050 (min_gap=0.1)" in lines[-1]
+
+
+def test_verbose_names_the_missing_condition_once_patience_is_spent(tmp_path, caplog):
+    import logging
+
+    train = [0.30, 0.40, 0.50, 0.60, 0.60, 0.60, 0.60]  # stops improving with validation
+    val = [0.30, 0.40, 0.50, 0.60, 0.58, 0.59, 0.58]  # best at epoch 3, then 3 validations without improvement
+    with caplog.at_level(logging.INFO):
+        fit(tmp_path, {"train_acc": train}, {"val_acc": val}, max_epochs=7, verbose=True)
+    last = [r.getMessage() for r in caplog.records if "waiting" in r.getMessage()][-1]
+    assert last.startswith("[prune] epoch 6: waiting; val_acc has not improved for 3 of patience=3 validations")
+    assert (
+        "train_acc has not improved either (0.6 against 0.6 at the best validation), and arming needs a train-val "
+        "gap above min_gap=0.1 or an improving train_acc" in last
+    )
