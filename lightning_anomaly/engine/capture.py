@@ -293,7 +293,7 @@ def capture_layers(
 ) -> list[LayerCapture]:
     """Run one probe forward and return the reduced output of every selected layer (one per call of each module).
 
-    Sites come in the order of ``layers`` (module definition order), repeated calls of a module
+    Layers come in the order of ``layers`` (module definition order), repeated calls of a module
     after its first one.
 
     The forward runs under ``torch.no_grad()`` with the model in eval mode; every submodule's

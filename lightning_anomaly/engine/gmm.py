@@ -29,6 +29,7 @@ the whole batch up front, so results do not depend on the chunk size or the devi
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -199,7 +200,6 @@ class _Steps:
 
 
 _EAGER = _Steps()
-_COMPILED: list[_Steps] = []  # built once per process, on first use
 
 
 class _FirstCallChecked:
@@ -226,24 +226,24 @@ class _FirstCallChecked:
 
 def _steps(compile: bool) -> _Steps:
     """The eager steps, or the compiled ones (built on first use; a missing C++ compiler is an error)."""
-    if not compile:
-        return _EAGER
-    if not _COMPILED:
-        cxx = os.environ.get("CXX")
-        if not any(shutil.which(c) for c in ([cxx] if cxx else ["g++", "c++", "clang++"])):
-            raise RuntimeError(
-                "compile=True needs a C++ compiler for torch.compile's CPU backend and none was found "
-                f"({'$CXX=' + repr(cxx) if cxx else 'g++, c++, clang++'} not on PATH); install g++ or clang "
-                "(or set $CXX), or use compile=False"
-            )
-        _COMPILED.append(
-            _Steps(
-                lloyd=_FirstCallChecked(_lloyd_step),
-                e_step=_FirstCallChecked(_e_step_from),
-                m_step=_FirstCallChecked(_m_step_from),
-            )
+    return _compiled_steps() if compile else _EAGER
+
+
+@functools.cache
+def _compiled_steps() -> _Steps:
+    """The steps through ``torch.compile``, built once per process (a failure is not cached)."""
+    cxx = os.environ.get("CXX")
+    if not any(shutil.which(c) for c in ([cxx] if cxx else ["g++", "c++", "clang++"])):
+        raise RuntimeError(
+            "compile=True needs a C++ compiler for torch.compile's CPU backend and none was found "
+            f"({'$CXX=' + repr(cxx) if cxx else 'g++, c++, clang++'} not on PATH); install g++ or clang "
+            "(or set $CXX), or use compile=False"
         )
-    return _COMPILED[0]
+    return _Steps(
+        lloyd=_FirstCallChecked(_lloyd_step),
+        e_step=_FirstCallChecked(_e_step_from),
+        m_step=_FirstCallChecked(_m_step_from),
+    )
 
 
 def _kmeans_labels(x: Tensor, k: int, n_iter: int, uniforms: Tensor, steps: _Steps = _EAGER) -> Tensor:

@@ -154,7 +154,7 @@ def test_compile_must_be_a_bool():
 def test_compile_without_a_cxx_compiler_names_the_fix(monkeypatch):
     from lightning_anomaly.engine import gmm
 
-    monkeypatch.setattr(gmm, "_COMPILED", [])
+    gmm._compiled_steps.cache_clear()  # nothing built earlier in this process
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr(gmm.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match=r"needs a C\+\+ compiler.*install g\+\+ or clang.*compile=False"):
