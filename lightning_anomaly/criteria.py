@@ -161,6 +161,16 @@ class AnomalyCriteria:
             filter first, so this is relative to the filter's spread.
         kmeans_iter: Lloyd iterations after k-means++ seeding, before EM.
         n_init: Initialisations per mixture; the best likelihood wins (scikit-learn's ``n_init``).
+        class_conditional: With class labels, remove each class's mean map before the PCA, so a
+            filter that answers a class has nothing left to split off (the flags use this view).
+        class_purity: A tiny cluster with at least this share of one label ...
+        class_coverage: ... that holds at least this share of the label's probe samples is
+            *class-selective* (:meth:`class_selective`), not an anomaly.
+        global_view: With class labels and ``class_conditional``, also cluster every filter's maps
+            with only the whole probe's mean removed, and add that view's small clusters to the
+            outlier score (not to the flags). A group that makes up most of its label's probe
+            samples (a large backdoor) hides in the class-conditional view and shows in this one.
+            Doubles the PCA and clustering work; ``docs/FLAGS.md`` gives the evidence and the cost.
 
     Raises:
         TypeError: A setting has the wrong type.
@@ -184,12 +194,14 @@ class AnomalyCriteria:
     class_conditional: bool = True
     class_purity: float = 0.8
     class_coverage: float = 0.5
+    global_view: bool = True
 
     def __post_init__(self) -> None:
         for name in CONSTRAINTS:
             check_setting(name, getattr(self, name))
-        if not isinstance(self.class_conditional, bool):
-            raise TypeError(f"class_conditional must be a bool, got {self.class_conditional!r}")
+        for name in ("class_conditional", "global_view"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         k = self.k_range
         if (
             not isinstance(k, (tuple, list))
@@ -381,13 +393,12 @@ class AnomalyCriteria:
         n_samples: int,
         class_selective: Tensor | None = None,
     ) -> Tensor:
-        """How strongly each filter singles out the members of its tiny cluster, for ranking samples.
+        """How strongly each filter singles out the members of its tiny cluster at its chosen k.
 
         The squared separation of the tiny cluster from the rest (:attr:`LayerReport.separation`)
-        for every filter with a tiny cluster that is not a class, 0 otherwise. A continuous weight
-        instead of the hard flags: a planted group that a filter separates well ranks first
-        whichever rule it narrowly misses, and the ranking does not hinge on one threshold.
-        :func:`~lightning_anomaly.engine.outliers.score_outliers` sums it over the filters that hold a sample.
+        for every filter with a tiny cluster that is not a class, 0 otherwise. A report keeps the
+        points of the strongest filters for its plots. (The outlier score of the samples reads every
+        k and two views instead: :func:`~lightning_anomaly.engine.outliers.view_score`.)
 
         Args:
             smallest_cluster: As in :meth:`flag`.

@@ -31,6 +31,7 @@ CLUSTERING_SETTINGS = (
     "kmeans_iter",
     "n_init",
     "class_conditional",
+    "global_view",
 )
 
 #: Per-filter tensors of a LayerReport and their dtypes: one table for to_dict and from_dict.
@@ -52,11 +53,12 @@ _TENSOR_DTYPES: dict[str, torch.dtype] = {
     "separated": torch.bool,
     "labels": torch.int8,
 }
-#: The plotted points, kept for a few filters only.
+#: The plotted points, kept for a few filters only, and the layer's share of the outlier score.
 _POINT_DTYPES: dict[str, torch.dtype] = {
     "point_filters": torch.long,
     "points": torch.float32,
     "point_labels": torch.int8,
+    "score_parts": torch.float64,
 }
 
 
@@ -99,6 +101,9 @@ class LayerReport:
         point_filters: ``(A,)`` int64, the anomaly filters (up to 8, highest CH first) whose points are kept.
         points: ``(A, N, q)`` float32, their 2-D (or 1-D) PCA points, for plots.
         point_labels: ``(A, N)`` int8, their cluster labels.
+        score_parts: ``(V, N)`` float64, this layer's share of each view's raw outlier score
+            (:func:`~lightning_anomaly.engine.outliers.view_score`); ``(0, 0)`` in reports saved
+            before it existed.
         module: Name of the module in ``model.named_modules()`` (masks and pruning act on it).
         call: Which call of that module this layer is (0 for the first; ``name`` ends ``#call`` after it).
     """
@@ -128,6 +133,7 @@ class LayerReport:
     class_selective: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
     separation: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     separated: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+    score_parts: Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.float64))
     module: str = ""
     call: int = 0
 
@@ -249,8 +255,9 @@ class AnalysisReport:
             smallest cluster it belongs to.
         grad_norms: ``(N,)`` float64 per-sample gradient norms, or ``None`` without targets.
         outlier_scores: ``(N,)`` float64 continuous outlier score
-            (:func:`~lightning_anomaly.engine.outliers.score_outliers`): the summed squared separation
-            of the tiny clusters that hold each sample. ``None`` for reports saved before it existed.
+            (:func:`~lightning_anomaly.engine.outliers.score_outliers`): how far the small clusters
+            that hold each sample lie from the rest, over every k tried and, with class labels, two
+            views of each filter. ``None`` for reports saved before it existed.
         criteria: The :class:`~lightning_anomaly.AnomalyCriteria` settings used, as a dict.
         backend: ``"torch"`` or ``"sklearn"``.
         seed: Seed of the mixture initialisation.
@@ -298,8 +305,8 @@ class AnalysisReport:
     def top_outliers(self, k: int = 32) -> list[int]:
         """Probe indices of up to ``k`` suspicious samples, most suspicious first.
 
-        Ranked by ``outlier_scores`` (the summed squared separation of the tiny clusters that hold
-        a sample, :func:`~lightning_anomaly.engine.outliers.score_outliers`), ties broken by
+        Ranked by ``outlier_scores`` (how far the small clusters that hold a sample lie from the
+        rest, :func:`~lightning_anomaly.engine.outliers.score_outliers`), ties broken by
         ``outlier_counts`` (anomaly filters), then by index; samples with neither are left out. The
         score does not hinge on the hard flags, so a planted group keeps its rank whatever its size
         relative to the tiny-cluster bound (``docs/FLAGS.md``, precision@k across planted shares).

@@ -16,13 +16,13 @@ from lightning_anomaly.criteria import AnomalyCriteria
 from lightning_anomaly.engine.capture import LayerCapture, LayerSpec, capture_layers, named_exactly, select_layers
 from lightning_anomaly.engine.gmm import fit_gmm, uniform_width
 from lightning_anomaly.engine.gradients import LossFn, per_sample_grad_norms
-from lightning_anomaly.engine.outliers import count_outliers, judge_filters, score_outliers
+from lightning_anomaly.engine.outliers import count_outliers, judge_filters, score_outliers, view_score
 from lightning_anomaly.engine.pca import batched_pca
 from lightning_anomaly.engine.reference import sklearn_cluster, sklearn_pca
 from lightning_anomaly.engine.scores import calinski_harabasz, cluster_sizes, separation
 from lightning_anomaly.results import AnalysisReport, LayerReport
 
-__all__ = ["analyze", "cluster_points"]
+__all__ = ["analyze", "best_by_ch", "cluster_every_k", "cluster_points"]
 
 Backend = Literal["torch", "sklearn"]
 _POINTS_PER_LAYER = 8
@@ -93,17 +93,47 @@ def cluster_points(
         ``k`` ``(B,)`` int64 (0 if no k gave two clusters), ``ch`` ``(B,)`` float64 (NaN then),
         ``labels`` ``(B, N)`` int64 (-1 then) and ``converged`` ``(B,)`` bool, on the CPU.
     """
-    if backend == "sklearn":
-        return sklearn_cluster(
-            points,
-            criteria.k_values,
-            seed=seed,
-            reg_covar=criteria.reg_covar,
-            max_iter=criteria.max_iter,
-            tol=criteria.tol,
-            n_init=criteria.n_init,
-        )
+    ch_all, labels_all, conv_all = cluster_every_k(
+        points, criteria, seed=seed, backend=backend, groups=groups, compile=compile
+    )
+    return best_by_ch(ch_all, labels_all, conv_all, criteria.k_values)
+
+
+def cluster_every_k(
+    points: Tensor,
+    criteria: AnomalyCriteria,
+    *,
+    seed: int = 0,
+    backend: Backend = "torch",
+    groups: Sequence[tuple[str, int]] | None = None,
+    compile: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Every k's clustering of each filter's points (arguments as :func:`cluster_points`).
+
+    Returns:
+        ``ch`` ``(K, B)`` float64 (NaN where a k failed), ``labels`` ``(K, B, N)`` int64 (-1 there)
+        and ``converged`` ``(K, B)`` bool, one row per k in ``criteria.k_values``, on ``points``'
+        device (the CPU for the sklearn backend).
+    """
     b = points.shape[0]
+    if backend == "sklearn":
+        fits = [
+            sklearn_cluster(
+                points,
+                (k,),
+                seed=seed,
+                reg_covar=criteria.reg_covar,
+                max_iter=criteria.max_iter,
+                tol=criteria.tol,
+                n_init=criteria.n_init,
+            )
+            for k in criteria.k_values
+        ]
+        return (
+            torch.stack([f[1] for f in fits]),
+            torch.stack([f[2] for f in fits]),
+            torch.stack([f[3] for f in fits]),
+        )
     groups = list(groups) if groups is not None else [("", b)]
     if sum(c for _, c in groups) != b:
         raise ValueError(f"groups cover {sum(c for _, c in groups)} problems, points hold {b}")
@@ -123,13 +153,24 @@ def cluster_points(
         chs.append(calinski_harabasz(points, fit.labels, k))
         labs.append(fit.labels)
         convs.append(fit.converged)
-    ch_all = torch.stack(chs)  # (K, B)
+    return torch.stack(chs), torch.stack(labs), torch.stack(convs)
+
+
+def best_by_ch(
+    ch_all: Tensor, labels_all: Tensor, conv_all: Tensor, k_values: Sequence[int]
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Each filter's k of largest CH (the first on ties) from :func:`cluster_every_k`'s output.
+
+    Returns:
+        As :func:`cluster_points`, on the CPU.
+    """
+    b = ch_all.shape[1]
     best = torch.nan_to_num(ch_all, nan=-math.inf).argmax(0)  # first k on ties
-    rows = torch.arange(b, device=points.device)
+    rows = torch.arange(b, device=ch_all.device)
     ch = ch_all[best, rows]
-    labels = torch.stack(labs)[best, rows]
-    converged = torch.stack(convs)[best, rows]
-    k_best = torch.tensor(criteria.k_values, device=points.device)[best]
+    labels = labels_all[best, rows]
+    converged = conv_all[best, rows]
+    k_best = torch.tensor(list(k_values), device=ch_all.device)[best]
     failed = torch.isnan(ch)
     k_best = torch.where(failed, torch.zeros_like(k_best), k_best)
     labels = torch.where(failed[:, None], torch.full_like(labels, -1), labels)
@@ -257,6 +298,7 @@ def analyze(
         on_layer=on_layer,
         required=named_exactly(layers),
         groups=classes if criteria.class_conditional else None,
+        global_view=criteria.global_view,
     )
     if not captures:
         raise ValueError(
@@ -276,7 +318,7 @@ def analyze(
         layers=layer_reports,
         n_samples=n,
         outlier_counts=counts,
-        outlier_scores=score_outliers(layer_reports.values(), n, criteria, classes is not None),
+        outlier_scores=score_outliers(layer_reports.values(), n),
         grad_norms=grads,
         criteria=criteria.to_dict(),
         backend=backend,
@@ -322,28 +364,50 @@ def _cluster_and_flag(
     classes: Tensor | None = None,
     compile: bool = False,
 ) -> OrderedDict[str, LayerReport]:
-    # All clusterable filters of all layers go into one batch (1-D points padded with a zero
-    # coordinate, which changes neither the mixture fit nor CH).
-    valid = [cap.reason == 0 for cap in captures]
-    padded = []
-    for cap, ok in zip(captures, valid, strict=True):
-        p = cap.points[ok]
-        if p.shape[-1] == 1 and backend == "torch":
-            p = torch.nn.functional.pad(p, (0, 2 - p.shape[-1]))
-        padded.append(p)
-    reports: OrderedDict[str, LayerReport] = OrderedDict()
+    # Every clusterable filter of every layer and view goes into one batch (1-D points padded with
+    # a zero coordinate, which changes neither the mixture fit nor CH); each (layer, view) draws its
+    # initialisation from its own generator.
+    views: list[tuple[str, list[tuple[Tensor, Tensor]]]] = [("", [(cap.points, cap.reason) for cap in captures])]
+    if captures and all(cap.global_points is not None and cap.global_reason is not None for cap in captures):
+        global_view = [(cap.global_points, cap.global_reason) for cap in captures]
+        views.append(("\0global", global_view))  # type: ignore[arg-type]  # checked just above
+    problems, groups = [], []
+    for suffix, parts in views:
+        for cap, (pts, reason) in zip(captures, parts, strict=True):
+            p = pts[reason == 0]
+            if p.shape[-1] == 1 and backend == "torch":
+                p = torch.nn.functional.pad(p, (0, 2 - p.shape[-1]))
+            problems.append(p)
+            groups.append((cap.name + suffix, int(p.shape[0])))
+    sizes_b = [c for _, c in groups]
     if backend == "torch":
-        batch = torch.cat(padded) if padded else torch.zeros(0, n, 2)
-        groups = [(cap.name, int(p.shape[0])) for cap, p in zip(captures, padded, strict=True)]
-        all_k, all_ch, all_labels, all_conv = (
-            cluster_points(batch, criteria, seed=seed, groups=groups, compile=compile) if batch.shape[0] else _empty(n)
+        batch = torch.cat(problems) if problems else torch.zeros(0, n, 2)
+        fitted = (
+            cluster_every_k(batch, criteria, seed=seed, groups=groups, compile=compile)
+            if batch.shape[0]
+            else _empty(n, len(criteria.k_values))
         )
-        splits = [int(p.shape[0]) for p in padded]
-        per_layer = list(zip(*(t.split(splits) for t in (all_k, all_ch, all_labels, all_conv)), strict=True))
+        pieces = list(zip(*(t.split(sizes_b, dim=1) for t in fitted), strict=True))
     else:
-        per_layer = [
-            cluster_points(p, criteria, seed=seed, backend="sklearn") if p.shape[0] else _empty(n) for p in padded
+        pieces = [
+            cluster_every_k(p, criteria, seed=seed, backend="sklearn")
+            if p.shape[0]
+            else _empty(n, len(criteria.k_values))
+            for p in problems
         ]
+    limit = criteria.tiny_cluster_limit(n, labelled=classes is not None and criteria.class_conditional)
+    n_layers = len(captures)
+    score_parts = []
+    for i in range(n_layers):
+        per_view = []
+        for v in range(len(views)):
+            ch_all, labels_all, _ = pieces[v * n_layers + i]
+            labels_all = torch.where(torch.isnan(ch_all)[..., None], torch.full_like(labels_all, -1), labels_all)
+            per_view.append(view_score(problems[v * n_layers + i], labels_all, limit, criteria, classes))
+        score_parts.append(torch.stack(per_view))
+    per_layer = [best_by_ch(ch_i, lab_i, conv_i, criteria.k_values) for ch_i, lab_i, conv_i in pieces[:n_layers]]
+    valid = [cap.reason == 0 for cap in captures]
+    reports: OrderedDict[str, LayerReport] = OrderedDict()
 
     for cap, ok, (k_v, ch_v, lab_v, conv_v) in zip(captures, valid, per_layer, strict=True):
         c = cap.n_filters
@@ -393,15 +457,15 @@ def _cluster_and_flag(
             points=cap.points[keep.to(cap.points.device)].float().cpu(),
             point_labels=labels[keep].to(torch.int8),
             separation=sep,
+            score_parts=score_parts[len(reports)],
             **flags,
         )
     return reports
 
 
-def _empty(n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _empty(n: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return (
-        torch.zeros(0, dtype=torch.long),
-        torch.zeros(0, dtype=torch.float64),
-        torch.zeros(0, n, dtype=torch.long),
-        torch.zeros(0, dtype=torch.bool),
+        torch.zeros(k, 0, dtype=torch.float64),
+        torch.zeros(k, 0, n, dtype=torch.long),
+        torch.zeros(k, 0, dtype=torch.bool),
     )

@@ -61,6 +61,9 @@ class LayerCapture:
         explained: ``(C,)`` float32 share of the filter's variance that the ``q`` components keep.
         activation: ``(C,)`` float64 mean absolute activation over the probe (0 if non-finite).
         reason: ``(C,)`` int8 degeneracy code, see :data:`DEGENERATE_REASONS`.
+        global_points: With class groups and ``global_view``: the same filters' points with only
+            the whole probe's mean map removed, ``(C, N, q)``; ``None`` otherwise.
+        global_reason: Their degeneracy codes ``(C,)``, or ``None``.
     """
 
     name: str
@@ -71,6 +74,8 @@ class LayerCapture:
     activation: Tensor
     reason: Tensor
     call_index: int = 0
+    global_points: Tensor | None = None
+    global_reason: Tensor | None = None
 
     @property
     def n_filters(self) -> int:
@@ -290,6 +295,7 @@ def capture_layers(
     on_layer: Callable[[str], None] | None = None,
     required: Collection[str] | None = None,
     groups: Tensor | None = None,
+    global_view: bool = False,
 ) -> list[LayerCapture]:
     """Run one probe forward and return the reduced output of every selected layer (one per call of each module).
 
@@ -311,6 +317,8 @@ def capture_layers(
             others that did not run (auxiliary heads that only run in training) are left out.
         groups: ``(N,)`` class ids; each class's mean map is removed before the PCA (see
             :func:`reduce_maps`).
+        global_view: With ``groups``, also reduce each layer's maps with only the probe's mean
+            removed (:attr:`LayerCapture.global_points`), from the same forward.
 
     Raises:
         ValueError: A selected module's output is not a 4-D tensor, or a required module never ran.
@@ -332,6 +340,9 @@ def capture_layers(
             # Out of any autocast region (bf16-mixed, fp16-mixed): the PCA runs in float32 or better.
             with torch.autocast(output.device.type, enabled=False):
                 points, explained, activation, reason = reduce_maps(output.detach(), n_components, pca, groups)
+                global_points = global_reason = None
+                if global_view and groups is not None:
+                    global_points, _, _, global_reason = reduce_maps(output.detach(), n_components, pca, None)
             out.append(
                 LayerCapture(
                     layer,
@@ -342,6 +353,8 @@ def capture_layers(
                     activation,
                     reason,
                     call_index=i,
+                    global_points=global_points,
+                    global_reason=global_reason,
                 )
             )
             if on_layer is not None:

@@ -17,9 +17,10 @@ import torch
 from torch import Tensor
 
 from lightning_anomaly.criteria import AnomalyCriteria
+from lightning_anomaly.engine.scores import separation
 from lightning_anomaly.results import CLUSTERING_SETTINGS, AnalysisReport, LayerReport
 
-__all__ = ["count_outliers", "judge_filters", "merge_reports", "reflag", "score_outliers"]
+__all__ = ["count_outliers", "judge_filters", "merge_reports", "reflag", "score_outliers", "view_score"]
 
 
 def judge_filters(
@@ -72,34 +73,82 @@ def count_outliers(layers: Iterable[LayerReport], n_samples: int) -> Tensor:
     return counts
 
 
-def score_outliers(
-    layers: Iterable[LayerReport], n_samples: int, criteria: AnomalyCriteria, labelled: bool = False
+def view_score(
+    points: Tensor, labels: Tensor, limit: int, criteria: AnomalyCriteria, classes: Tensor | None = None
 ) -> Tensor:
-    """Continuous outlier score of each probe sample.
+    """One view's raw outlier score of each probe sample, from every k's clustering of every filter.
 
-    The sum, over the filters whose tiny smallest cluster holds the sample, of their
-    :meth:`AnomalyCriteria.strength` (the tiny cluster's squared separation from the rest). It ranks
-    samples where the anomaly count ties (most samples have a count of 0), and it does not hinge on
-    one threshold.
+    For every filter and every k tried, each cluster other than the largest that holds at most
+    ``limit`` samples and is not a class (:meth:`AnomalyCriteria.class_selective`, with ``classes``)
+    adds its squared separation from the rest (:func:`~lightning_anomaly.engine.scores.separation`),
+    divided by the number of k values, to each of its members. Summing over k instead of reading the
+    k of largest CH keeps the ranking steady where CH barely prefers one k (a flat CH curve flips
+    with the initialisation); counting every small cluster, not only the smallest, keeps a planted
+    group that shares its filter with a smaller one.
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> pts = torch.randn(1, 100, 2, generator=g)
+        >>> pts[0, :5] += 20.0
+        >>> labels = (torch.arange(100) < 5).long()[None, None]  # one k, one filter
+        >>> score = view_score(pts, labels, limit=20, criteria=AnomalyCriteria())
+        >>> bool(score[:5].min() > 100) and bool(score[5:].eq(0).all())
+        True
 
     Args:
-        layers: The layer reports.
-        n_samples: Probe size ``N``.
-        criteria: The rules (which clusters are tiny).
-        labelled: The analysis knew the probe's classes (class-selective filters do not count).
+        points: ``(B, N, d)`` points of ``B`` clusterable filters.
+        labels: ``(K, B, N)`` int cluster labels for each k tried (-1 where that k failed).
+        limit: Largest cluster, in samples, that counts (:meth:`AnomalyCriteria.tiny_cluster_limit`).
+        criteria: The class rules (``class_purity``, ``class_coverage``).
+        classes: ``(N,)`` class ids, or ``None`` (no cluster is then a class).
 
     Returns:
         ``(N,)`` float64, ``>= 0``.
     """
-    scores = torch.zeros(n_samples, dtype=torch.float64)
-    for lr in layers:
-        strength = criteria.strength(
-            lr.min_cluster_size, lr.degenerate, lr.separation, n_samples, lr.class_selective if labelled else None
-        )
-        used = strength.nonzero().flatten()
-        if used.numel():
-            scores += (strength[used, None] * lr.small_cluster_masks(used)).sum(0)
-    return scores
+    n = points.shape[1]
+    score = torch.zeros(n, dtype=torch.float64)
+    if points.shape[0] == 0 or labels.shape[0] == 0:
+        return score
+    weight = 1.0 / labels.shape[0]
+    for lab in labels.long().cpu():  # one k at a time: (B, N)
+        ok_filter = (lab >= 0).all(1)
+        k = int(lab.max().clamp_min(0)) + 1
+        sizes = torch.nn.functional.one_hot(lab.clamp_min(0), k).sum(1)  # (B, k)
+        largest = sizes.argmax(1)
+        for j in range(k):
+            members = lab == j
+            used = ok_filter & (sizes[:, j] > 0) & (sizes[:, j] <= limit) & (largest != j)
+            if classes is not None and bool(used.any()):
+                used &= ~criteria.class_selective(members, classes)
+            if not bool(used.any()):
+                continue
+            sep = separation(points[used].cpu(), members[used])
+            score += weight * (sep.square()[:, None] * members[used].double()).sum(0)
+    return score
+
+
+def score_outliers(layers: Iterable[LayerReport], n_samples: int) -> Tensor | None:
+    """Continuous outlier score of each probe sample, from the layers' :attr:`~LayerReport.score_parts`.
+
+    Per view, the square root of the sample's raw score summed over the layers (:func:`view_score`):
+    the root of its summed squared separations, a distance in within-cluster standard deviations.
+    Each view's is divided by its largest value and the views are added, so a sample at the top of
+    both the class-conditional and the global view scores 2 and neither view drowns the other
+    whatever its scale (``docs/FLAGS.md`` compares this with plain sums, ranks and the maximum).
+
+    Returns:
+        ``(N,)`` float64 in ``[0, V]``, or ``None`` when no layer has score parts (reports saved
+        before them).
+    """
+    parts = [lr.score_parts for lr in layers if lr.score_parts.numel()]
+    if not parts:
+        return None
+    total = torch.stack(parts).sum(0).clamp_min(0).sqrt()  # (V, N)
+    if total.shape[-1] != n_samples:
+        raise ValueError(f"score parts cover {total.shape[-1]} samples, the probe has {n_samples}")
+    top = total.amax(1, keepdim=True)
+    return torch.where(top > 0, total / top.clamp_min(torch.finfo(torch.float64).tiny), 0.0).sum(0)
 
 
 def reflag(report: AnalysisReport, criteria: AnomalyCriteria) -> AnalysisReport:
@@ -108,6 +157,8 @@ def reflag(report: AnalysisReport, criteria: AnomalyCriteria) -> AnalysisReport:
     Only the rules may differ from the criteria the report was made with (``min_cluster_size``,
     ``min_cluster_fraction``, ``ch_ratio``, ``activation_ratio``, ``layer_statistic``, ...): the
     settings in :data:`~lightning_anomaly.results.CLUSTERING_SETTINGS` change the clustering itself.
+    The outlier score stays the analysis's own: it sums every k's clusters, which a report does not
+    keep, so only the flags, the counts and the outlier set follow the new rules.
 
     Raises:
         ValueError: ``criteria`` changes a clustering setting.
@@ -132,7 +183,7 @@ def reflag(report: AnalysisReport, criteria: AnomalyCriteria) -> AnalysisReport:
             selective,
         )
         layers[name] = replace(lr, **verdict)
-    return _rescored(report, layers, criteria, criteria.to_dict())
+    return _rescored(report, layers, criteria.to_dict())
 
 
 def merge_reports(
@@ -158,25 +209,21 @@ def merge_reports(
         return rank.get(layer.module, len(rank)), layer.call
 
     layers = OrderedDict(sorted(((n, lr) for p in parts for n, lr in p.layers.items()), key=lambda t: order(t[1])))
-    criteria = AnomalyCriteria.from_dict(first.criteria) if first.criteria else None
-    merged = _rescored(first, layers, criteria, first.criteria)
+    merged = _rescored(first, layers, first.criteria)
     return replace(merged, grad_norms=grad_norms, seconds=max(p.seconds for p in parts))
 
 
 def _rescored(
     report: AnalysisReport,
     layers: OrderedDict[str, LayerReport],
-    criteria: AnomalyCriteria | None,
     settings: dict[str, Any],
 ) -> AnalysisReport:
     """``report`` with ``layers``, and its outlier counts and scores computed from them."""
-    scores = None
-    if criteria is not None:
-        scores = score_outliers(layers.values(), report.n_samples, criteria, report.classes is not None)
+    scores = score_outliers(layers.values(), report.n_samples)
     return replace(
         report,
         layers=layers,
         outlier_counts=count_outliers(layers.values(), report.n_samples),
-        outlier_scores=scores,
+        outlier_scores=report.outlier_scores if scores is None else scores,
         criteria=dict(settings),
     )

@@ -335,8 +335,8 @@ def _gallery_html(doc: dict[str, Any], probe: dict[str, Any] | None, source: str
         f"<p>The package's ranking (<code>monitor.top_outliers()</code>, most suspicious first), "
         f"captioned with dataset index and label ({html.escape(source)}). Framed in red: the {flagged} of these "
         f"{len(shown)} that an anomaly filter's tiny cluster holds (the outlier set, {len(in_set)} samples in "
-        "all); the others rank by their outlier score alone. The ranking is the score (how strongly tiny clusters "
-        "single a sample out, summed over filters), not membership: a member of the outlier set that one weak "
+        "all); the others rank by their outlier score alone. The ranking is the score (how far the small clusters "
+        "that hold a sample lie from the rest, over all filters and every k tried), not membership: a member of the outlier set that one weak "
         "filter holds can rank below samples that several filters nearly flag.</p>"
         f'<div class="gallery">{"".join(cells)}</div>'
     )

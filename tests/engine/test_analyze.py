@@ -1,12 +1,13 @@
 import io
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from lightning_anomaly import AnalysisReport, AnomalyCriteria, analyze
-from lightning_anomaly.engine.outliers import count_outliers, merge_reports, score_outliers
+from lightning_anomaly.engine.outliers import merge_reports, score_outliers, view_score
 from tests.helpers import Planted, planted_probe
 
 
@@ -154,48 +155,84 @@ def test_reflag_equals_a_fresh_analysis_with_the_new_rules():
         fresh.reflag(AnomalyCriteria(k_range=(2, 3)))
 
 
-def test_outlier_scores_extend_the_counts_with_partial_credit():
+def test_outlier_scores_rank_the_planted_group_whatever_the_flags():
     model, x = Planted(), planted_probe()
     report = analyze(model, x)
     assert report.outlier_scores is not None and report.outlier_scores.dtype == torch.float64
-    # Every anomaly filter adds its squared separation (>= min_separation**2 >= 1), so the score is
-    # never below the count...
-    assert (report.outlier_scores >= report.outlier_counts.double() - 1e-12).all()
-    # ...and here the triggered samples lead both rankings.
-    assert report.top_outliers(4) == [0, 1, 2, 3]
-    # A CH rule no filter meets: no anomaly, no count, but the planted filter still scores its
-    # tiny cluster by its squared separation: the ranking does not hinge on the hard flags.
+    # Without class labels there is one view; its score is scaled to a maximum of 1.
+    assert report.layers["conv"].score_parts.shape == (1, 64)
+    assert float(report.outlier_scores.max()) == pytest.approx(1.0)
+    assert sorted(report.top_outliers(4)) == [0, 1, 2, 3]
+    # A CH rule no filter meets: no anomaly, no count, but the ranking is the analysis's own and
+    # still names the triggered samples: it does not hinge on the hard flags.
     strict = report.reflag(AnomalyCriteria(ch_ratio=1e6))
     assert strict.anomaly_count == 0 and int(strict.outlier_counts.sum()) == 0
     assert strict.outlier_scores is not None
     assert torch.equal(strict.outlier_scores, report.outlier_scores)
-    assert strict.top_outliers(4) == [0, 1, 2, 3]
-    sep = float(report.layers["conv"].separation[7])
-    assert float(strict.outlier_scores[0]) >= sep**2 - 1e-9
+    assert strict.top_outliers(4) == report.top_outliers(4)
 
 
-def test_outlier_score_matches_a_per_filter_loop_on_a_trained_cnn(tiny_cnn, probe):
-    crit = AnomalyCriteria(min_cluster_fraction=0.2, ch_ratio=0.5, activation_ratio=0.5)
-    report = analyze(tiny_cnn, probe[0], criteria=crit)
-    n = report.n_samples
-    expected = torch.zeros(n, dtype=torch.float64)
-    counts = torch.zeros(n, dtype=torch.long)
-    for lr in report.layers.values():
-        strength = crit.strength(lr.min_cluster_size, lr.degenerate, lr.separation, n)
-        for f in range(lr.n_filters):
-            lab = lr.labels[f].long()
-            if lab.min() < 0:
+def _separation_oracle(points: np.ndarray, members: np.ndarray) -> float:
+    inside, outside = points[members], points[~members]
+    resid = np.concatenate([inside - inside.mean(0), outside - outside.mean(0)])
+    pooled = (resid**2).sum() / ((len(points) - 2) * points.shape[1])
+    return float(np.linalg.norm(inside.mean(0) - outside.mean(0)) / np.sqrt(pooled))
+
+
+def test_view_score_matches_a_per_cluster_loop():
+    g = torch.Generator().manual_seed(3)
+    b, n, limit = 4, 30, 12
+    points = torch.randn(b, n, 2, generator=g, dtype=torch.float64)
+    classes = torch.randint(1, 3, (n,), generator=g)
+    classes[:8] = 0  # class 0 is the first 8 samples
+    labels = torch.stack([torch.randint(0, k, (b, n), generator=g) for k in (2, 3, 4)])
+    labels[1, 2] = -1  # k=3 failed for filter 2
+    labels[2, 0] = (torch.arange(n) >= 8).long() * 3  # filter 0 at k=4: the class-0 block is a cluster
+    crit = AnomalyCriteria(class_purity=0.8, class_coverage=0.5)
+    expected = np.zeros(n)
+    pts, lab_np, cls = points.numpy(), labels.numpy(), classes.numpy()
+    for ki in range(labels.shape[0]):
+        for f in range(b):
+            lab = lab_np[ki, f]
+            if (lab < 0).any():
                 continue
-            sizes = torch.bincount(lab)
-            smallest = int(torch.where(sizes > 0, sizes, torch.full_like(sizes, n + 1)).argmin())
-            expected += float(strength[f]) * (lab == smallest).double()
-            if lr.anomaly[f]:
-                counts += (lab == smallest).long()
-    assert float(expected.sum()) > 0
-    assert torch.allclose(report.outlier_scores, expected)
-    assert torch.equal(report.outlier_counts, counts)
-    assert torch.equal(count_outliers(report.layers.values(), n), counts)
-    assert torch.allclose(score_outliers(report.layers.values(), n, crit), expected)
+            sizes = np.bincount(lab)
+            for j in np.nonzero(sizes)[0]:
+                if j == sizes.argmax() or sizes[j] > limit:
+                    continue
+                m = lab == j
+                per_label = np.bincount(cls[m], minlength=3)
+                top = per_label.argmax()
+                if per_label[top] >= 0.8 * m.sum() and per_label[top] >= 0.5 * (cls == top).sum():
+                    continue  # a class, not an anomaly
+                expected[m] += _separation_oracle(pts[f], m) ** 2 / labels.shape[0]
+    got = view_score(points, labels, limit, crit, classes)
+    assert expected.sum() > 0
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-9, atol=1e-12)
+    # The class-0 block of filter 0 (k=4) is a class: without class labels it counts.
+    free = view_score(points, labels, limit, crit)
+    assert float(free[:8].sum()) > float(got[:8].sum())
+
+
+def test_score_adds_a_global_view_when_classes_are_known(tiny_cnn, probe):
+    x, y = probe
+    with_classes = analyze(tiny_cnn, x, y)
+    one_view = analyze(tiny_cnn, x, y, criteria=AnomalyCriteria(global_view=False))
+    no_classes = analyze(tiny_cnn, x)
+    n = x.shape[0]
+    assert all(lr.score_parts.shape == (2, n) for lr in with_classes.layers.values())
+    assert all(lr.score_parts.shape == (1, n) for lr in one_view.layers.values())
+    assert all(lr.score_parts.shape == (1, n) for lr in no_classes.layers.values())
+    # The class-conditional view is the same clustering with or without the global one.
+    for name, lr in one_view.layers.items():
+        assert torch.equal(lr.labels, with_classes.layers[name].labels)
+        assert torch.allclose(lr.score_parts[0], with_classes.layers[name].score_parts[0])
+    # The score: the root of each view's sum over layers, scaled to a maximum of 1, then added.
+    total = torch.stack([lr.score_parts for lr in with_classes.layers.values()]).sum(0).sqrt()
+    expected = (total / total.amax(1, keepdim=True)).sum(0)
+    assert with_classes.outlier_scores is not None
+    assert torch.allclose(with_classes.outlier_scores, expected)
+    assert torch.allclose(score_outliers(with_classes.layers.values(), n), expected)
 
 
 def test_outlier_scores_survive_round_trips_and_merges(tiny_cnn, probe):
@@ -267,7 +304,7 @@ def test_a_class_detector_is_class_selective_and_a_sub_class_group_is_the_anomal
     report = analyze(model, x, y)
     layer = report.layers["conv"]
     assert layer.anomaly.tolist() == [False, True, False, False, False, False]
-    assert report.top_outliers(3) == [1, 9, 17]
+    assert sorted(report.top_outliers(3)) == [1, 9, 17]
     assert report.outlier_indices == [1, 9, 17]
     # Had the trigger reached half of its class, the group would be that class's structure, not a
     # handful of samples: class-selective by the same rule.
