@@ -228,13 +228,36 @@ def combinations(report: AnalysisReport, truth: np.ndarray) -> dict[str, float |
     return out
 
 
-def held_out(cfg: Config) -> list[dict[str, Any]]:
-    """The combinations on models of seeds the defaults were not chosen on (cfg.seeds .. 2 * cfg.seeds - 1)."""
+#: Separation floors of the outlier score compared in the sweep (`AnomalyCriteria.score_separation`).
+FLOORS = (0.0, 2.0, 3.0, 4.0, 5.0)
+
+
+def floor_sweep(cfg: Config) -> list[dict[str, Any]]:
+    """precision@k of the default analysis under each separation floor, on seeds 0 .. 2 * cfg.seeds - 1."""
     rows = []
     for setting in cfg.settings:
         for truth in ("G2 backdoor", "G3 rare"):
             for share in cfg.shares:
-                for seed in range(cfg.seeds, 2 * cfg.seeds):
+                for seed in range(2 * cfg.seeds):
+                    t = train(setting, truth, share, seed, cfg)
+                    k = int(t.truth.sum())
+                    if not k:
+                        continue
+                    row: dict[str, Any] = {"setting": setting, "truth": truth, "share": share, "seed": seed}
+                    for floor in FLOORS:
+                        r = analyze(t.model, t.px, t.py, criteria=AnomalyCriteria(score_separation=floor), seed=0)
+                        row[f"{floor:g}"] = precision_at_k(t.truth, r.top_outliers(k))
+                    rows.append(row)
+    return rows
+
+
+def held_out(cfg: Config) -> list[dict[str, Any]]:
+    """The combinations on models of seeds no choice was made on (2 * cfg.seeds .. 3 * cfg.seeds - 1)."""
+    rows = []
+    for setting in cfg.settings:
+        for truth in ("G2 backdoor", "G3 rare"):
+            for share in cfg.shares:
+                for seed in range(2 * cfg.seeds, 3 * cfg.seeds):
                     t = train(setting, truth, share, seed, cfg)
                     if t.truth.sum():
                         r = analyze(t.model, t.px, t.py, seed=0)
@@ -304,11 +327,13 @@ def run(cfg: Config) -> dict[str, Any]:
         stab.append({"model": f"{setting} {truth} {share:.0%}", **stability(t.model, t.px, t.py, AnomalyCriteria())})
         print(stab[-1], flush=True)
     held = held_out(cfg)
+    floors = floor_sweep(cfg)
     return {
         "config": {"seeds": cfg.seeds, "epochs": cfg.epochs, "probe": cfg.probe},
         "rows": rows,
         "stability": stab,
         "held_out": held,
+        "floors": floors,
     }
 
 
@@ -392,6 +417,8 @@ def render(result: dict[str, Any]) -> str:
         "",
         *_combination_table(rows, result.get("held_out", []), cfg),
         "",
+        *_floor_table(result.get("floors", []), result.get("held_out", []), cfg),
+        "",
         *_targets(result),
     ]
     return "\n".join(out) + "\n"
@@ -404,8 +431,8 @@ def _combination_table(rows: list[dict[str, Any]], held: list[dict[str, Any]], c
     out = [
         "How the two views are combined: precision@k (mean over seeds) of each combination of the views' raw scores, "
         f"on the models above (seeds 0-{cfg['seeds'] - 1}, where the package's choice was made) and on models of "
-        f"seeds {cfg['seeds']}-{2 * cfg['seeds'] - 1} that played no part in it (held out). The package uses "
-        "`root, scaled, added`.",
+        f"seeds {2 * cfg['seeds']}-{3 * cfg['seeds'] - 1} that played no part in any choice (held out). The package "
+        "uses `root, scaled, added`.",
         "",
         f"| combination | models | {head} |",
         "|---|---|" + "---|" * len(cols),
@@ -417,6 +444,38 @@ def _combination_table(rows: list[dict[str, Any]], held: list[dict[str, Any]], c
                 v = [r.get(name) for r in source if (r["setting"], r["truth"], r["share"]) == (s, t, sh)]
                 cells.append(_fmt(_mean(v)))
             out.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+    return out
+
+
+def _floor_table(floors: list[dict[str, Any]], held: list[dict[str, Any]], cfg: dict[str, Any]) -> list[str]:
+    """precision@k of the default under each separation floor (the sweep), and the default on held-out seeds."""
+    if not floors:
+        return []
+    cols = [(s, t, sh) for s in ("digits", "shapes") for t in ("G2 backdoor", "G3 rare") for sh in SHARES]
+    head = " | ".join(f"{s[0]} {t[:2]} {sh:.0%}" for s, t, sh in cols)
+    out = [
+        "The outlier score's separation floor (`score_separation`): precision@k (mean over seeds "
+        f"0-{2 * cfg['seeds'] - 1}, where the floor was chosen) for each floor, and the default (floor 3) on held-out "
+        f"seeds {2 * cfg['seeds']}-{3 * cfg['seeds'] - 1}. A tail cut from one Gaussian blob scores 2-3.",
+        "",
+        f"| floor | seeds | {head} |",
+        "|---|---|" + "---|" * len(cols),
+    ]
+
+    def cell(source: list[dict[str, Any]], key: str, col: tuple[str, str, float]) -> str:
+        return _fmt(_mean([r.get(key) for r in source if (r["setting"], r["truth"], r["share"]) == col]))
+
+    for floor in FLOORS:
+        out.append(
+            f"| {floor:g} | 0-{2 * cfg['seeds'] - 1} | "
+            + " | ".join(cell(floors, f"{floor:g}", c) for c in cols)
+            + " |"
+        )
+    out.append(
+        f"| 3 (default) | {2 * cfg['seeds']}-{3 * cfg['seeds'] - 1} held out | "
+        + " | ".join(cell(held, "root, scaled, added", c) for c in cols)
+        + " |"
+    )
     return out
 
 
@@ -445,6 +504,23 @@ def _targets(result: dict[str, Any]) -> list[str]:
             f"- {truth}, precision@k >= {bar} at every share from 3% to 15%, both settings: "
             f"**{'met' if ok else 'not met'}** (lowest {vals[worst]:.2f}, {worst[0]} {worst[1]:.0%})."
         )
+    held = result.get("held_out", [])
+    for truth, bar in (("G2 backdoor", 0.5), ("G3 rare", 0.8)):
+        cells = {
+            (s, sh): _mean(
+                [r["root, scaled, added"] for r in held if (r["setting"], r["truth"], r["share"]) == (s, truth, sh)]
+            )
+            for s in ("digits", "shapes")
+            for sh in SHARES
+            if 0.03 <= sh <= 0.15
+        }
+        known = {key: v for key, v in cells.items() if v is not None}
+        if known:
+            worst = min(known, key=lambda key: known[key])
+            lines.append(
+                f"- The same on held-out seeds (no choice was made on them): {truth} "
+                f"**{'met' if known[worst] >= bar else 'not met'}** (lowest {known[worst]:.2f}, {worst[0]} {worst[1]:.0%})."
+            )
     cs = [r["variants"]["default"]["class_selective_share"] for r in rows]
     cs_max = max((c for c in cs if c is not None), default=0.0)
     lines.append(
@@ -467,8 +543,19 @@ def _targets(result: dict[str, Any]) -> list[str]:
         p = r["variants"]["default"]["precision_at_k"]
         if p is not None and p < r["planted_in_probe"] / result["config"]["probe"]:
             below.append(f"{r['setting']} {r['truth']} {r['share']:.0%} seed {r['seed']}")
+    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["setting"], r["truth"], r["share"]), []).append(r)
+    below_rows = []
+    for (setting, truth, share), rs in groups.items():
+        mean = _mean([r["variants"]["default"]["precision_at_k"] for r in rs])
+        base = (_mean([r["planted_in_probe"] for r in rs]) or 0.0) / result["config"]["probe"]
+        if mean is not None and mean < base:
+            below_rows.append(f"{setting} {truth} {share:.0%}")
     lines.append(
-        f"- Never below the base rate (per run): **{'met' if not below else 'not met'}**"
+        f"- Never below the base rate, per row of the table (mean over seeds): **{'met' if not below_rows else 'not met'}**"
+        + (f" ({', '.join(below_rows)})." if below_rows else ".")
+        + f" Per run: {len(below)} of {len(rows)} runs fall below it"
         + (f" ({', '.join(below)})." if below else ".")
     )
     return lines

@@ -61,6 +61,11 @@ CONSTRAINTS: dict[str, _Rule] = {
         low=0.0,
         hint="within-cluster standard deviations between the tiny cluster and the rest, e.g. 5; 0 turns it off",
     ),
+    "score_separation": _Rule(
+        (int, float),
+        low=0.0,
+        hint="a tail cut from one Gaussian blob scores 2-3, so 3 keeps such clusters out of the outlier score; 0 counts all",
+    ),
     "ch_ratio": _Rule((int, float), low=0.0, low_open=True, hint="1.0 means 'above the layer's typical CH'"),
     "activation_ratio": _Rule(
         (int, float),
@@ -171,6 +176,9 @@ class AnomalyCriteria:
             outlier score (not to the flags). A group that makes up most of its label's probe
             samples (a large backdoor) hides in the class-conditional view and shows in this one.
             Doubles the PCA and clustering work; ``docs/FLAGS.md`` gives the evidence and the cost.
+        score_separation: Clusters closer than this to the rest, in within-cluster standard
+            deviations (:func:`~lightning_anomaly.engine.scores.separation`), add nothing to the outlier
+            score: a tail cut from one Gaussian blob scores 2-3, and hundreds of them drown a planted group.
 
     Raises:
         TypeError: A setting has the wrong type.
@@ -195,6 +203,7 @@ class AnomalyCriteria:
     class_purity: float = 0.8
     class_coverage: float = 0.5
     global_view: bool = True
+    score_separation: float = 3.0
 
     def __post_init__(self) -> None:
         for name in CONSTRAINTS:

@@ -22,6 +22,7 @@ BAD_VALUES = {
     "min_separation": -1.0,
     "class_purity": 1.5,
     "class_coverage": -0.1,
+    "score_separation": -0.5,
 }
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_anomaly.engine.pca import batched_pca
+from lightning_anomaly.engine.pca import batched_pca, batched_pca_with_global
 
 __all__ = [
     "DEGENERATE_REASONS",
@@ -206,7 +206,11 @@ def _filter_norms(x: Tensor, order: int) -> Tensor:
 
 
 def reduce_maps(
-    maps: Tensor, n_components: int, pca: PCAFn = batched_pca, groups: Tensor | None = None
+    maps: Tensor,
+    n_components: int,
+    pca: PCAFn = batched_pca,
+    groups: Tensor | None = None,
+    global_out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Reduce one layer's maps to per-filter points and statistics.
 
@@ -219,6 +223,9 @@ def reduce_maps(
         n_components: PCA dimensions (clipped to ``H * W`` and ``N``).
         pca: Function ``(x (B, N, D), q) -> (scores (B, N, q), variance (B, q))``.
         groups: ``(N,)`` int64 group ids in ``[0, G)`` (class labels), or ``None`` for one group.
+        global_out: With ``groups``, ``(points (C, N, q), reason (C,))`` buffers to fill with the
+            global view: the same maps with only the whole probe's mean removed. With the default
+            PCA both views share their products (:func:`~lightning_anomaly.engine.pca.batched_pca_with_global`).
 
     Returns:
         ``points`` ``(C, N, q)``, ``explained`` ``(C,)``, ``activation`` ``(C,)`` and ``reason``
@@ -267,12 +274,23 @@ def reduce_maps(
         r = reason[lo:hi]
         r[~finite] = 1
         r[constant] = 2
+        if global_out is not None:
+            global_out[1][lo:hi] = r
         idx = ok.nonzero().squeeze(-1)
         if idx.numel() == 0:
             continue
         if idx.numel() < hi - lo:
             xs, within = xs.index_select(0, idx), within[idx]
-        scores, var = pca(xs, q)
+        if global_out is None:
+            scores, var = pca(xs, q)
+        else:
+            between = (group_means.index_select(0, idx) - mean.index_select(0, idx).float()).float()
+            if pca is batched_pca:
+                (scores, var), (scores_g, _) = batched_pca_with_global(xs, between, onehot, q)
+            else:  # another PCA (the reference backend): the global view on its own
+                scores, var = pca(xs, q)
+                scores_g, _ = pca(xs + onehot @ between, q)
+            _store(scores_g, global_out, lo, idx)
         norm = scores.square().sum(-1).mean(-1).sqrt()  # (c_ok,)
         lost = norm <= 0
         scores = scores / norm.clamp_min(tiny)[:, None, None]
@@ -282,6 +300,16 @@ def reduce_maps(
             r[idx[lost]] = 2
             points[lo + idx[lost]] = 0
     return points, explained, activation, reason
+
+
+def _store(scores: Tensor, out: tuple[Tensor, Tensor], lo: int, idx: Tensor) -> None:
+    """Scale ``scores`` of the filters ``lo + idx`` to unit mean squared norm into ``out`` (points, reason)."""
+    norm = scores.square().sum(-1).mean(-1).sqrt()
+    lost = norm <= 0
+    out[0][lo + idx] = (scores / norm.clamp_min(torch.finfo(torch.float32).tiny)[:, None, None]).float()
+    if bool(lost.any()):
+        out[1][lo + idx[lost]] = 2
+        out[0][lo + idx[lost]] = 0
 
 
 def capture_layers(
@@ -339,10 +367,18 @@ def capture_layers(
             layer = name if i == 0 else f"{name}#{i}"
             # Out of any autocast region (bf16-mixed, fp16-mixed): the PCA runs in float32 or better.
             with torch.autocast(output.device.type, enabled=False):
-                points, explained, activation, reason = reduce_maps(output.detach(), n_components, pca, groups)
                 global_points = global_reason = None
                 if global_view and groups is not None:
-                    global_points, _, _, global_reason = reduce_maps(output.detach(), n_components, pca, None)
+                    q = min(n_components, output[0, 0].numel(), output.shape[0])
+                    global_points = output.new_zeros(output.shape[1], output.shape[0], q, dtype=torch.float32)
+                    global_reason = torch.zeros(output.shape[1], dtype=torch.int8, device=output.device)
+                points, explained, activation, reason = reduce_maps(
+                    output.detach(),
+                    n_components,
+                    pca,
+                    groups,
+                    None if global_points is None or global_reason is None else (global_points, global_reason),
+                )
             out.append(
                 LayerCapture(
                     layer,

@@ -79,9 +79,10 @@ def view_score(
     """One view's raw outlier score of each probe sample, from every k's clustering of every filter.
 
     For every filter and every k tried, each cluster other than the largest that holds at most
-    ``limit`` samples and is not a class (:meth:`AnomalyCriteria.class_selective`, with ``classes``)
-    adds its squared separation from the rest (:func:`~lightning_anomaly.engine.scores.separation`),
-    divided by the number of k values, to each of its members. Summing over k instead of reading the
+    ``limit`` samples, is not a class (:meth:`AnomalyCriteria.class_selective`, with ``classes``) and
+    lies at least ``criteria.score_separation`` from the rest adds its squared separation
+    (:func:`~lightning_anomaly.engine.scores.separation`), divided by the number of k values, to each
+    of its members. Summing over k instead of reading the
     k of largest CH keeps the ranking steady where CH barely prefers one k (a flat CH curve flips
     with the initialisation); counting every small cluster, not only the smallest, keeps a planted
     group that shares its filter with a smaller one.
@@ -100,7 +101,7 @@ def view_score(
         points: ``(B, N, d)`` points of ``B`` clusterable filters.
         labels: ``(K, B, N)`` int cluster labels for each k tried (-1 where that k failed).
         limit: Largest cluster, in samples, that counts (:meth:`AnomalyCriteria.tiny_cluster_limit`).
-        criteria: The class rules (``class_purity``, ``class_coverage``).
+        criteria: The class rules (``class_purity``, ``class_coverage``) and ``score_separation``.
         classes: ``(N,)`` class ids, or ``None`` (no cluster is then a class).
 
     Returns:
@@ -124,6 +125,7 @@ def view_score(
             if not bool(used.any()):
                 continue
             sep = separation(points[used].cpu(), members[used])
+            sep = torch.where(sep >= criteria.score_separation, sep, torch.zeros_like(sep))
             score += weight * (sep.square()[:, None] * members[used].double()).sum(0)
     return score
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["batched_pca", "top_eigh"]
+__all__ = ["batched_pca", "batched_pca_with_global", "top_eigh"]
 
 # Matrices up to this size go straight to a dense eigendecomposition.
 _DENSE_MAX = 48
@@ -157,10 +157,76 @@ def batched_pca(x: Tensor, n_components: int) -> tuple[Tensor, Tensor]:
     else:
         top_vals, top_vecs = top_eigh(_centred_gram(x, mean), q)  # (B, N, q)
         scores = top_vecs * top_vals.clamp_min(0).sqrt().unsqueeze(1)
-    # Deterministic sign: the largest-magnitude score of each component is positive.
+    return _signed(scores, n)
+
+
+def _signed(scores: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Scores with a deterministic sign (the largest-magnitude score of each component is positive), and their variance."""
     idx = scores.abs().argmax(dim=1, keepdim=True)
     sign = torch.gather(scores, 1, idx).sign()
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
     scores = scores * sign
     var = scores.square().sum(dim=1) / max(n - 1, 1)
     return scores, var
+
+
+def batched_pca_with_global(
+    residuals: Tensor, between: Tensor, onehot: Tensor, n_components: int
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """:func:`batched_pca` of group residuals, and of the same data with only the overall mean removed.
+
+    The globally centred data are ``residuals + onehot @ between``. Both views share the expensive
+    product (``D x D`` or ``N x N``): because residuals sum to zero within each group, the global
+    covariance is the residuals' plus the groups' between-scatter, and the global Gram matrix is the
+    residuals' plus terms of rank at most ``2 G``. The first result equals ``batched_pca(residuals)``.
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(3, 40, 6, generator=g)
+        >>> onehot = torch.nn.functional.one_hot(torch.arange(40) % 4, 4).float()
+        >>> means = onehot.mT @ x / onehot.sum(0)[:, None]  # (3, 4, 6) group means
+        >>> resid = x - onehot @ means
+        >>> between = means - x.mean(1, keepdim=True)
+        >>> _, (scores, _) = batched_pca_with_global(resid, between, onehot, 2)
+        >>> ref, _ = batched_pca(x, 2)
+        >>> torch.allclose(scores, ref, atol=1e-4)
+        True
+
+    Args:
+        residuals: ``(B, N, D)`` data minus their group's mean.
+        between: ``(B, G, D)`` each group's mean minus the overall mean.
+        onehot: ``(N, G)`` float group membership (one 1 per row).
+        n_components: As in :func:`batched_pca`.
+
+    Returns:
+        ``(scores, variance)`` of the residuals and ``(scores, variance)`` of the global view, each as
+        :func:`batched_pca` returns them.
+    """
+    if residuals.ndim != 3:
+        raise ValueError(f"residuals must have shape (B, N, D), got {tuple(residuals.shape)}")
+    n, d = residuals.shape[1:]
+    q = min(n_components, d, n)
+    x = residuals.float()
+    between = between.float()
+    onehot = onehot.to(x)
+    mean = x.mean(dim=1, keepdim=True)  # zero up to rounding: residuals sum to zero within each group
+    sizes = onehot.sum(0)  # (G,)
+    if d <= n:
+        xc = x - mean
+        cov = xc.mT @ xc
+        _, top = top_eigh(cov, q)
+        scores = xc @ top
+        cov_g = cov + between.mT @ (between * sizes[:, None])
+        _, top_g = top_eigh(cov_g, q)
+        scores_g = xc @ top_g + onehot @ (between @ top_g)
+    else:
+        gram = _centred_gram(x, mean)
+        top_vals, top_vecs = top_eigh(gram, q)
+        scores = top_vecs * top_vals.clamp_min(0).sqrt().unsqueeze(1)
+        # xg xg^T = xc xc^T + xc b^T + b xc^T + b b^T with b = onehot @ between: no (B, N, D) copy.
+        cross = (x @ between.mT - mean @ between.mT) @ onehot.mT  # (B, N, N), rank <= G
+        gram_g = gram + cross + cross.mT + onehot @ (between @ between.mT) @ onehot.mT
+        vals_g, vecs_g = top_eigh(gram_g, q)
+        scores_g = vecs_g * vals_g.clamp_min(0).sqrt().unsqueeze(1)
+    return _signed(scores, n), _signed(scores_g, n)

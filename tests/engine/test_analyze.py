@@ -188,7 +188,7 @@ def test_view_score_matches_a_per_cluster_loop():
     labels = torch.stack([torch.randint(0, k, (b, n), generator=g) for k in (2, 3, 4)])
     labels[1, 2] = -1  # k=3 failed for filter 2
     labels[2, 0] = (torch.arange(n) >= 8).long() * 3  # filter 0 at k=4: the class-0 block is a cluster
-    crit = AnomalyCriteria(class_purity=0.8, class_coverage=0.5)
+    crit = AnomalyCriteria(class_purity=0.8, class_coverage=0.5, score_separation=0.4)
     expected = np.zeros(n)
     pts, lab_np, cls = points.numpy(), labels.numpy(), classes.numpy()
     for ki in range(labels.shape[0]):
@@ -205,9 +205,14 @@ def test_view_score_matches_a_per_cluster_loop():
                 top = per_label.argmax()
                 if per_label[top] >= 0.8 * m.sum() and per_label[top] >= 0.5 * (cls == top).sum():
                     continue  # a class, not an anomaly
-                expected[m] += _separation_oracle(pts[f], m) ** 2 / labels.shape[0]
+                sep = _separation_oracle(pts[f], m)
+                if sep >= 0.4:  # closer clusters are tail cuts of one blob
+                    expected[m] += sep**2 / labels.shape[0]
     got = view_score(points, labels, limit, crit, classes)
     assert expected.sum() > 0
+    assert float(view_score(points, labels, limit, AnomalyCriteria(score_separation=0.0), classes).sum()) > float(
+        got.sum()
+    )
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-9, atol=1e-12)
     # The class-0 block of filter 0 (k=4) is a class: without class labels it counts.
     free = view_score(points, labels, limit, crit)

@@ -151,6 +151,38 @@ def test_reduce_maps_matches_exact_svd_across_chunks(monkeypatch, with_groups, s
     assert activation[4] == 0 and (points[4] == 0).all()
 
 
+@pytest.mark.parametrize("pca", ["batched", "sklearn"])
+@pytest.mark.parametrize("shape", [(6, 6), (20, 20)])  # D <= N: covariance; D > N: Gram matrix
+def test_the_global_view_equals_reducing_without_groups(monkeypatch, shape, pca):
+    from lightning_anomaly.engine import capture
+    from lightning_anomaly.engine.pca import batched_pca
+    from lightning_anomaly.engine.reference import sklearn_pca
+
+    pca_fn = batched_pca if pca == "batched" else sklearn_pca
+    monkeypatch.setattr(capture, "_REDUCE_CHUNK_BYTES", 3 * 64 * shape[0] * shape[1] * 4)  # chunks of 3 filters
+    g = torch.Generator().manual_seed(4)
+    n, c = 64, 7
+    groups = torch.arange(n) % 5
+    scores = torch.randn(c, n, 3, generator=g) * torch.tensor([4.0, 2.0, 0.5])
+    maps = (scores @ torch.randn(c, 3, shape[0] * shape[1], generator=g)).transpose(0, 1).reshape(n, c, *shape)
+    maps = maps + torch.randn(5, c, *shape, generator=g)[groups] + 2.0
+    maps[:, 2] = float("nan")  # non-finite in both views
+    maps[:, 5] = torch.randn(5, 1, *shape, generator=g)[groups, 0]  # all its spread is between the classes
+    global_points = torch.zeros(c, n, 2)
+    global_reason = torch.zeros(c, dtype=torch.int8)
+    with_global = reduce_maps(maps, 2, pca_fn, groups=groups, global_out=(global_points, global_reason))
+    alone = reduce_maps(maps, 2, pca_fn, groups=groups)
+    flat = reduce_maps(maps, 2, pca_fn)
+    # The class-conditional view is untouched by computing the global one beside it.
+    for a, b in zip(with_global, alone, strict=True):
+        assert torch.equal(a, b)
+    # The global view is what reducing without groups gives (up to each component's sign).
+    assert global_reason.tolist() == flat[3].tolist() == [0, 0, 1, 0, 0, 0, 0]
+    for f in [0, 1, 3, 4, 5, 6]:
+        sign = torch.sign((global_points[f] * flat[0][f]).sum(0))
+        assert torch.allclose(global_points[f] * sign, flat[0][f], atol=2e-4)
+
+
 def test_constant_detection_is_relative_and_survives_a_large_mean():
     g = torch.Generator().manual_seed(0)
     maps = torch.full((32, 3, 8, 8), 1000.0)
