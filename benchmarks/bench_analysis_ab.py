@@ -1,7 +1,8 @@
 """Same-process A/B of one whole analysis (issue 16): the engine before issue 16 beside the engine now.
 
 One analysis is what the callback runs once per epoch: ``analyze(model, probe, targets)`` with
-default settings, which captures and reduces every conv's maps, clusters every filter for
+default settings but one view (``global_view=False``, as when issue 16 was filed; ``bench_views.py``
+times the second view), which captures and reduces every conv's maps, clusters every filter for
 k = 2..6, flags, and computes the per-sample gradient norms with ``per_sample_grad_norms``'s
 defaults (the callback's own call).
 
@@ -54,6 +55,9 @@ from lightning_anomaly.demo import digits_tensors
 from lightning_anomaly.demo.train import train_plain
 
 analysis = importlib.import_module("lightning_anomaly.engine.analyze")  # the module, not the function
+#: The settings issue 16 was measured with: one view (the global view of issue 12 came later and has
+#: its own benchmark, bench_views.py); the old reduce_maps knows nothing of it.
+ONE_VIEW = AnomalyCriteria(global_view=False)
 
 # --------------------------------------------------------------------------------------------
 # The "before" arm's reduction and gradient norm: the engine's code before issue 16, verbatim
@@ -203,7 +207,7 @@ def timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
 
 def stages(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Callable[[], Any]]:
     """The stages of one analysis, each on its own (the capture's result feeds the clustering)."""
-    crit = AnomalyCriteria()
+    crit = ONE_VIEW
     classes = analysis.class_ids(y)
     sites = capture.select_layers(model)
     state: dict[str, Any] = {}
@@ -247,7 +251,7 @@ def agreement(before: Any, after: Any) -> dict[str, Any]:
 
 def run_model(name: str, model: nn.Module, x: Tensor, y: Tensor, args: argparse.Namespace) -> dict[str, Any]:
     def whole() -> Any:
-        return analysis.analyze(model, x, y)
+        return analysis.analyze(model, x, y, criteria=ONE_VIEW)
 
     def whole_before() -> Any:
         with before_issue_16():
@@ -304,11 +308,13 @@ def run_model(name: str, model: nn.Module, x: Tensor, y: Tensor, args: argparse.
 
 def compile_arm(model: nn.Module, x: Tensor, y: Tensor, reps: int, eager_report: Any) -> dict[str, Any]:
     """``analyze(..., compile=True)``: first call (compilation) and steady state, against eager."""
-    first, _, report = timed(lambda: analysis.analyze(model, x, y, compile=True))
+    first, _, report = timed(lambda: analysis.analyze(model, x, y, criteria=ONE_VIEW, compile=True))
     times: dict[str, list[float]] = {"eager": [], "compiled": []}
     for rep in range(reps):
         for arm in ("eager", "compiled") if rep % 2 == 0 else ("compiled", "eager"):
-            times[arm].append(timed(lambda arm=arm: analysis.analyze(model, x, y, compile=arm == "compiled"))[0])
+            times[arm].append(
+                timed(lambda arm=arm: analysis.analyze(model, x, y, criteria=ONE_VIEW, compile=arm == "compiled"))[0]
+            )
     eager, steady = statistics.median(times["eager"]), statistics.median(times["compiled"])
     return {
         "first_call_s": round(first, 2),

@@ -372,13 +372,12 @@ def capture_layers(
                     q = min(n_components, output[0, 0].numel(), output.shape[0])
                     global_points = output.new_zeros(output.shape[1], output.shape[0], q, dtype=torch.float32)
                     global_reason = torch.zeros(output.shape[1], dtype=torch.int8, device=output.device)
-                points, explained, activation, reason = reduce_maps(
-                    output.detach(),
-                    n_components,
-                    pca,
-                    groups,
-                    None if global_points is None or global_reason is None else (global_points, global_reason),
+                extra = (
+                    {}
+                    if global_points is None or global_reason is None
+                    else {"global_out": (global_points, global_reason)}
                 )
+                points, explained, activation, reason = reduce_maps(output.detach(), n_components, pca, groups, **extra)
             out.append(
                 LayerCapture(
                     layer,
