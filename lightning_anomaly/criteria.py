@@ -174,8 +174,11 @@ class AnomalyCriteria:
         global_view: With class labels and ``class_conditional``, also cluster every filter's maps
             with only the whole probe's mean removed, and add that view's small clusters to the
             outlier score (not to the flags). A group that makes up most of its label's probe
-            samples (a large backdoor) hides in the class-conditional view and shows in this one.
-            Doubles the PCA and clustering work; ``docs/FLAGS.md`` gives the evidence and the cost.
+            samples (a large backdoor) hides in the class-conditional view, which sets the label's few
+            clean samples apart instead. Here the filters that answer it set it apart from every other
+            sample; a cluster holding most of the label still counts as a class, but the parts of the
+            group that the larger k split off (each under half the label) score. Shares the PCA's
+            products and doubles the clustering; ``docs/FLAGS.md`` gives the evidence, PERFORMANCE the cost.
         score_separation: Clusters closer than this to the rest, in within-cluster standard
             deviations (:func:`~lightning_anomaly.engine.scores.separation`), add nothing to the outlier
             score: a tail cut from one Gaussian blob scores 2-3, and hundreds of them drown a planted group.

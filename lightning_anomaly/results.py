@@ -21,7 +21,8 @@ from lightning_anomaly.criteria import AnomalyCriteria
 
 __all__ = ["CLUSTERING_SETTINGS", "AnalysisReport", "LayerReport"]
 
-#: Settings of :class:`AnomalyCriteria` that change the clustering itself; the others only change the flags.
+#: Settings of :class:`AnomalyCriteria` that change the clustering itself, or only the outlier score
+#: (which ``reflag`` keeps); the others change the flags.
 CLUSTERING_SETTINGS = (
     "k_range",
     "n_components",
@@ -32,6 +33,7 @@ CLUSTERING_SETTINGS = (
     "n_init",
     "class_conditional",
     "global_view",
+    "score_separation",  # the outlier score only, which reflag keeps as the analysis made it
 )
 
 #: Per-filter tensors of a LayerReport and their dtypes: one table for to_dict and from_dict.

@@ -371,10 +371,11 @@ def _cluster_and_flag(
     if captures and all(cap.global_points is not None and cap.global_reason is not None for cap in captures):
         global_view = [(cap.global_points, cap.global_reason) for cap in captures]
         views.append(("\0global", global_view))  # type: ignore[arg-type]  # checked just above
-    problems, groups = [], []
+    points, problems, groups = [], [], []
     for suffix, parts in views:
         for cap, (pts, reason) in zip(captures, parts, strict=True):
             p = pts[reason == 0]
+            points.append(p)  # as reduced: separations are measured in the points' own dimensions
             if p.shape[-1] == 1 and backend == "torch":
                 p = torch.nn.functional.pad(p, (0, 2 - p.shape[-1]))
             problems.append(p)
@@ -403,7 +404,7 @@ def _cluster_and_flag(
         for v in range(len(views)):
             ch_all, labels_all, _ = pieces[v * n_layers + i]
             labels_all = torch.where(torch.isnan(ch_all)[..., None], torch.full_like(labels_all, -1), labels_all)
-            per_view.append(view_score(problems[v * n_layers + i], labels_all, limit, criteria, classes))
+            per_view.append(view_score(points[v * n_layers + i], labels_all, limit, criteria, classes))
         score_parts.append(torch.stack(per_view))
     per_layer = [best_by_ch(ch_i, lab_i, conv_i, criteria.k_values) for ch_i, lab_i, conv_i in pieces[:n_layers]]
     valid = [cap.reason == 0 for cap in captures]

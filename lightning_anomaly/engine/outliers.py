@@ -20,6 +20,9 @@ from lightning_anomaly.criteria import AnomalyCriteria
 from lightning_anomaly.engine.scores import separation
 from lightning_anomaly.results import CLUSTERING_SETTINGS, AnalysisReport, LayerReport
 
+#: Largest separation a cluster adds to the score (exact point masses would give an infinite one).
+_MAX_SEPARATION = 1e6
+
 __all__ = ["count_outliers", "judge_filters", "merge_reports", "reflag", "score_outliers", "view_score"]
 
 
@@ -124,7 +127,8 @@ def view_score(
                 used &= ~criteria.class_selective(members, classes)
             if not bool(used.any()):
                 continue
-            sep = separation(points[used].cpu(), members[used])
+            # A group at zero within-cluster spread has an infinite separation: capped, so sums stay finite.
+            sep = separation(points[used].cpu(), members[used]).clamp(max=_MAX_SEPARATION)
             sep = torch.where(sep >= criteria.score_separation, sep, torch.zeros_like(sep))
             score += weight * (sep.square()[:, None] * members[used].double()).sum(0)
     return score
@@ -212,6 +216,12 @@ def merge_reports(
 
     layers = OrderedDict(sorted(((n, lr) for p in parts for n, lr in p.layers.items()), key=lambda t: order(t[1])))
     merged = _rescored(first, layers, first.criteria)
+    if (
+        merged.outlier_scores is not None
+        and len(parts) > 1
+        and score_outliers(layers.values(), first.n_samples) is None
+    ):
+        merged = replace(merged, outlier_scores=None)  # parts saved before score parts: no score covers them all
     return replace(merged, grad_norms=grad_norms, seconds=max(p.seconds for p in parts))
 
 

@@ -357,3 +357,50 @@ def test_compile_must_be_a_bool(tiny_cnn, probe):
 
     with pytest.raises(TypeError, match="compile must be a bool"):
         run_analysis(tiny_cnn, probe[0], compile="yes")
+
+
+def test_the_score_measures_1x1_maps_in_their_own_dimension(monkeypatch):
+    # Maps of 1x1 pixels are clustered as 2-D points padded with zeros; their separations must not be.
+    import importlib
+
+    module = importlib.import_module("lightning_anomaly.engine.analyze")
+    seen = []
+    real = module.view_score
+
+    def spy(points, *args, **kwargs):
+        seen.append(points.shape[-1])
+        return real(points, *args, **kwargs)
+
+    monkeypatch.setattr(module, "view_score", spy)
+    net = nn.Sequential(nn.Conv2d(1, 6, 4), nn.ReLU(), nn.Flatten(), nn.Linear(6, 3))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 1, 4, 4, generator=g), torch.arange(60) % 3
+    report = analyze(net, x, y)
+    assert report.layers["0"].map_shape == (1, 1) and report.layers["0"].n_components == 1
+    assert seen and set(seen) == {1}
+
+
+def test_reflag_refuses_a_new_score_floor_and_old_parts_merge_without_a_score(tiny_cnn, probe):
+    report = analyze(tiny_cnn, probe[0], probe[1])
+    with pytest.raises(ValueError, match=r"reflag cannot change clustering settings \['score_separation'\]"):
+        report.reflag(AnomalyCriteria(score_separation=0.0))
+    # Two parts saved before score parts existed: neither stored score covers both, so none is given.
+    names = list(report.layers)
+    parts = []
+    for group in (names[:1], names[1:]):
+        layers = type(report.layers)()
+        for n in group:
+            d = report.layers[n].to_dict()
+            del d["score_parts"]
+            layers[n] = type(report.layers[n]).from_dict(d)
+        parts.append(
+            AnalysisReport(
+                layers=layers,
+                n_samples=report.n_samples,
+                outlier_counts=torch.zeros(report.n_samples, dtype=torch.long),
+                outlier_scores=torch.rand(report.n_samples, dtype=torch.float64),
+                criteria=report.criteria,
+            )
+        )
+    assert merge_reports(parts, names).outlier_scores is None
+    assert merge_reports(parts[:1], names).outlier_scores is parts[0].outlier_scores
