@@ -291,19 +291,16 @@ def reduce_maps(
                 scores, var = pca(xs, q)
                 scores_g, _ = pca(xs + onehot @ between, q)
             _store(scores_g, global_out, lo, idx)
-        norm = scores.square().sum(-1).mean(-1).sqrt()  # (c_ok,)
-        lost = norm <= 0
-        scores = scores / norm.clamp_min(tiny)[:, None, None]
-        points[lo + idx] = scores.float()
+        _store(scores, (points, reason), lo, idx)
         explained[lo + idx] = (var.sum(-1).double() * (n - 1) / within.clamp_min(tiny)).clamp(0, 1).float()
-        if bool(lost.any()):
-            r[idx[lost]] = 2
-            points[lo + idx[lost]] = 0
     return points, explained, activation, reason
 
 
 def _store(scores: Tensor, out: tuple[Tensor, Tensor], lo: int, idx: Tensor) -> None:
-    """Scale ``scores`` of the filters ``lo + idx`` to unit mean squared norm into ``out`` (points, reason)."""
+    """Scale ``scores`` of the filters ``lo + idx`` to unit mean squared norm into ``out`` (points, reason).
+
+    A filter whose scores are all zero has nothing to cluster: its points stay zero and its reason is 2.
+    """
     norm = scores.square().sum(-1).mean(-1).sqrt()
     lost = norm <= 0
     out[0][lo + idx] = (scores / norm.clamp_min(torch.finfo(torch.float32).tiny)[:, None, None]).float()
