@@ -204,7 +204,7 @@ class AnomalyCriteria:
     n_init: int = 1
     class_conditional: bool = True
     class_purity: float = 0.8
-    class_coverage: float = 0.5
+    class_coverage: float = 0.7
     global_view: bool = True
     score_separation: float = 3.0
 

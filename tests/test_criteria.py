@@ -119,7 +119,7 @@ def test_class_selective_rule_and_its_flags():
     masks = torch.zeros(3, 20, dtype=torch.bool)
     masks[0, :4] = True  # 4 of class 0's 5: a class detector
     masks[1, [0, 5]] = True  # two classes mixed: not one class
-    masks[2, :2] = True  # pure, but 2 of 5 (40% < class_coverage 50%)
+    masks[2, :2] = True  # pure, but 2 of 5 (40% < class_coverage 70%)
     selective = crit.class_selective(masks, classes)
     assert selective.tolist() == [True, False, False]
     sizes = masks.sum(1)

@@ -219,6 +219,25 @@ def test_view_score_matches_a_per_cluster_loop():
     assert float(free[:8].sum()) > float(got[:8].sum())
 
 
+def test_a_group_that_is_most_but_not_all_of_its_label_still_scores():
+    # Ten classes of ten; one filter splits off 6 of class 0's 10 samples (a relabelled backdoor that is
+    # most of its target label), another splits off all of class 1 (a class detector).
+    g = torch.Generator().manual_seed(0)
+    n = 100
+    classes = torch.arange(n) // 10
+    points = torch.randn(2, n, 2, generator=g, dtype=torch.float64)
+    group = torch.zeros(n, dtype=torch.bool)
+    group[:6] = True
+    points[0, group] += 30.0
+    points[1, classes == 1] += 30.0
+    labels = torch.stack([group.long(), (classes == 1).long()])[None]  # one k, two filters
+    default = view_score(points, labels, 20, AnomalyCriteria(), classes)
+    assert bool(default[:6].gt(0).all()) and bool(default[6:].eq(0).all())  # the class detector adds nothing
+    # At the old coverage bound of one half, 6 of 10 was read as the class and the group scored nothing.
+    half = view_score(points, labels, 20, AnomalyCriteria(class_coverage=0.5), classes)
+    assert bool(half.eq(0).all())
+
+
 def test_score_adds_a_global_view_when_classes_are_known(tiny_cnn, probe):
     x, y = probe
     with_classes = analyze(tiny_cnn, x, y)
