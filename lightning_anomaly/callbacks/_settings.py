@@ -8,7 +8,9 @@ from lightning_anomaly.criteria import _Rule, check_setting
 
 #: What each scalar setting of :class:`~lightning_anomaly.AnomalyFilterCallback` accepts.
 SETTINGS: dict[str, _Rule] = {
-    "probe_size": _Rule(int, low=1, hint="samples drawn from the training set, e.g. 256"),
+    "probe_size": _Rule(
+        int, low=1, hint="samples drawn from the training set, at least max(k_range)+1 (7 by default), e.g. 256"
+    ),
     "every_n_epochs": _Rule(int, low=1, hint="analyse after every n-th training epoch, e.g. 1"),
     "backend": _Rule(str, choices=("torch", "sklearn"), hint="'torch' is the batched engine, 'sklearn' the reference"),
     "prefix": _Rule(str, hint="the prefix of every logged tag, e.g. 'anomaly/'"),

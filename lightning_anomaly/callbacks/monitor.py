@@ -132,7 +132,10 @@ class AnomalyFilterCallback(Callback):
         super().__init__()
         self.criteria = criteria if criteria is not None else AnomalyCriteria()
         if not isinstance(self.criteria, AnomalyCriteria):
-            raise TypeError(f"criteria must be an AnomalyCriteria, got {type(criteria).__name__}")
+            raise TypeError(
+                f"criteria must be an AnomalyCriteria, got {type(criteria).__name__}"
+                + ("; from a dict of settings, pass AnomalyCriteria(**settings)" if isinstance(criteria, dict) else "")
+            )
         if probe is None:  # ignored beside an explicit probe
             check_settings(probe_size=probe_size)
         check_settings(
@@ -201,15 +204,17 @@ class AnomalyFilterCallback(Callback):
         :meth:`AnalysisReport.top_outliers` of the last report, mapped through ``probe_indices``, so
         ``train_dataset[i]`` is the sample (positions in ``probe`` when it was given explicitly).
 
+        ``k=0`` gives an empty list, so ``top_outliers(len(suspects))`` needs no special case.
+
         Raises:
             TypeError: ``k`` is not an int.
-            ValueError: ``k`` is smaller than 1.
+            ValueError: ``k`` is negative.
             RuntimeError: No analysis has run yet.
         """
         if isinstance(k, bool) or not isinstance(k, int):
             raise TypeError(f"k must be an int, got {k!r}")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}; e.g. top_outliers(10) for the ten most suspicious samples")
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}; e.g. top_outliers(10) for the ten most suspicious samples")
         if self.last_report is None:
             raise RuntimeError(
                 "top_outliers() reads the last analysis and none has run yet; call it after an analysed epoch "

@@ -255,7 +255,10 @@ def analyze(
         raise TypeError(f"compile must be a bool, got {compile!r}")
     criteria = criteria if criteria is not None else AnomalyCriteria()
     if not isinstance(criteria, AnomalyCriteria):
-        raise TypeError(f"criteria must be an AnomalyCriteria, got {type(criteria).__name__}")
+        raise TypeError(
+            f"criteria must be an AnomalyCriteria, got {type(criteria).__name__}"
+            + ("; from a dict of settings, pass AnomalyCriteria(**settings)" if isinstance(criteria, dict) else "")
+        )
     if backend not in ("torch", "sklearn"):
         raise ValueError(f"backend must be 'torch' or 'sklearn', got {backend!r}")
     if not isinstance(inputs, Tensor) or inputs.ndim < 2:

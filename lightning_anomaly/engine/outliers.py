@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lightning_anomaly.criteria import AnomalyCriteria
-from lightning_anomaly.engine.scores import separation
+from lightning_anomaly.engine.scores import member_distance, separation
 from lightning_anomaly.results import CLUSTERING_SETTINGS, AnalysisReport, LayerReport
 
 #: Largest separation a cluster adds to the score (exact point masses would give an infinite one).
@@ -83,12 +83,17 @@ def view_score(
 
     For every filter and every k tried, each cluster other than the largest that holds at most
     ``limit`` samples, is not a class (:meth:`AnomalyCriteria.class_selective`, with ``classes``) and
-    lies at least ``criteria.score_separation`` from the rest adds its squared separation
-    (:func:`~lightning_anomaly.engine.scores.separation`), divided by the number of k values, to each
-    of its members. Summing over k instead of reading the
-    k of largest CH keeps the ranking steady where CH barely prefers one k (a flat CH curve flips
-    with the initialisation); counting every small cluster, not only the smallest, keeps a planted
-    group that shares its filter with a smaller one.
+    lies at least ``criteria.score_separation`` from the rest adds to each of its members
+    ``sep * (sep + d) / 2``, divided by the number of k values: ``sep`` is the cluster's separation
+    (:func:`~lightning_anomaly.engine.scores.separation`) and ``d`` the member's own distance from the
+    rest along the same line (:func:`~lightning_anomaly.engine.scores.member_distance`), whose mean
+    over the members is ``sep``. So a cluster adds its squared separation per member on average, and
+    members that lie further out rank first: a planted group larger than the list a user reads is
+    ordered by where its samples lie, which is the same under every seed, and not by which members
+    one seed's clustering happened to keep. Summing over k instead of reading the k of largest CH
+    keeps the ranking steady where CH barely prefers one k (a flat CH curve flips with the
+    initialisation); counting every small cluster, not only the smallest, keeps a planted group that
+    shares its filter with a smaller one.
 
     Example::
 
@@ -128,9 +133,11 @@ def view_score(
             if not bool(used.any()):
                 continue
             # A group at zero within-cluster spread has an infinite separation: capped, so sums stay finite.
-            sep = separation(points[used].cpu(), members[used]).clamp(max=_MAX_SEPARATION)
+            pts, group = points[used].cpu(), members[used]
+            sep = separation(pts, group).clamp(max=_MAX_SEPARATION)
             sep = torch.where(sep >= criteria.score_separation, sep, torch.zeros_like(sep))
-            score += weight * (sep.square()[:, None] * members[used].double()).sum(0)
+            own = member_distance(pts, group).clamp(max=_MAX_SEPARATION)
+            score += weight * (sep[:, None] * (sep[:, None] + own) / 2 * group.double()).sum(0)
     return score
 
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["calinski_harabasz", "cluster_sizes"]
+__all__ = ["calinski_harabasz", "cluster_sizes", "member_distance", "separation"]
 
 
 def cluster_sizes(labels: Tensor, n_clusters: int) -> Tensor:
@@ -69,6 +69,27 @@ def calinski_harabasz(points: Tensor, labels: Tensor, n_clusters: int) -> Tensor
     return torch.where(undefined, torch.full_like(ch, math.nan), ch)
 
 
+def _group_geometry(points: Tensor, members: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A group's geometry against the rest of its points.
+
+    Returns:
+        The group's and the rest's means ``(B, d)``, the pooled within-group standard deviation
+        ``(B,)``, and whether both sides hold a point ``(B,)``.
+    """
+    x = points.double()
+    m = members.to(x.dtype).unsqueeze(-1)  # (B, N, 1)
+    n_in = m.sum(1)  # (B, 1)
+    n_out = x.shape[1] - n_in
+    mean_in = (x * m).sum(1) / n_in.clamp_min(1)
+    mean_out = (x * (1 - m)).sum(1) / n_out.clamp_min(1)
+    resid = x - torch.where(m.bool(), mean_in.unsqueeze(1), mean_out.unsqueeze(1))
+    dof = (x.shape[1] - 2) * x.shape[-1]
+    pooled = resid.square().sum((1, 2)) / max(1, dof)
+    sd = pooled.clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+    ok = (n_in.squeeze(-1) > 0) & (n_out.squeeze(-1) > 0)
+    return mean_in, mean_out, sd, ok
+
+
 def separation(points: Tensor, members: Tensor) -> Tensor:
     """How far a group of points lies from the rest, in within-group standard deviations.
 
@@ -93,16 +114,35 @@ def separation(points: Tensor, members: Tensor) -> Tensor:
     Returns:
         ``(B,)`` float64; 0 where the group or the rest has fewer than one point.
     """
-    x = points.double()
-    m = members.to(x.dtype).unsqueeze(-1)  # (B, N, 1)
-    n_in = m.sum(1)  # (B, 1)
-    n_out = x.shape[1] - n_in
-    mean_in = (x * m).sum(1) / n_in.clamp_min(1)
-    mean_out = (x * (1 - m)).sum(1) / n_out.clamp_min(1)
-    resid = x - torch.where(m.bool(), mean_in.unsqueeze(1), mean_out.unsqueeze(1))
-    dof = (x.shape[1] - 2) * x.shape[-1]
-    pooled = resid.square().sum((1, 2)) / max(1, dof)
-    dist = (mean_in - mean_out).norm(dim=-1)
-    sep = dist / pooled.clamp_min(torch.finfo(torch.float64).tiny).sqrt()
-    ok = (n_in.squeeze(-1) > 0) & (n_out.squeeze(-1) > 0)
+    mean_in, mean_out, sd, ok = _group_geometry(points, members)
+    sep = (mean_in - mean_out).norm(dim=-1) / sd
     return torch.where(ok, sep, torch.zeros_like(sep))
+
+
+def member_distance(points: Tensor, members: Tensor) -> Tensor:
+    """How far each point lies from the rest's mean, along the line from the rest's mean to the group's.
+
+    In the units of :func:`separation` (pooled within-group standard deviations), clamped at 0 for
+    points on the far side of the rest. The group's members average exactly their group's
+    separation before the clamp; what this adds is which members lie further out than others.
+
+    Example::
+
+        >>> pts = torch.tensor([[[0.0, 0.0], [0.0, 1.0], [4.0, 0.0], [6.0, 0.0]]])
+        >>> members = torch.tensor([[False, False, True, True]])
+        >>> d = member_distance(pts, members)[0]
+        >>> bool(d[3] > d[2] > 0), round(float(d[2:].mean() / separation(pts, members)[0]), 9)
+        (True, 1.0)
+
+    Args:
+        points: ``(B, N, d)`` float points.
+        members: ``(B, N)`` bool group membership.
+
+    Returns:
+        ``(B, N)`` float64, ``>= 0``; 0 throughout where the group or the rest has no point.
+    """
+    mean_in, mean_out, sd, ok = _group_geometry(points, members)
+    axis = mean_in - mean_out
+    axis = axis / axis.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    dist = ((points.double() - mean_out.unsqueeze(1)) * axis.unsqueeze(1)).sum(-1) / sd.unsqueeze(-1)
+    return torch.where(ok.unsqueeze(-1), dist.clamp_min(0.0), torch.zeros_like(dist))

@@ -8,6 +8,7 @@ from torch import nn
 
 from lightning_anomaly import AnalysisReport, AnomalyCriteria, analyze
 from lightning_anomaly.engine.outliers import merge_reports, score_outliers, view_score
+from lightning_anomaly.engine.scores import separation
 from tests.helpers import Planted, planted_probe
 
 
@@ -172,11 +173,14 @@ def test_outlier_scores_rank_the_planted_group_whatever_the_flags():
     assert strict.top_outliers(4) == report.top_outliers(4)
 
 
-def _separation_oracle(points: np.ndarray, members: np.ndarray) -> float:
+def _separation_oracle(points: np.ndarray, members: np.ndarray) -> tuple[float, np.ndarray]:
+    """The group's separation and each point's own distance from the rest along the means' line."""
     inside, outside = points[members], points[~members]
     resid = np.concatenate([inside - inside.mean(0), outside - outside.mean(0)])
-    pooled = (resid**2).sum() / ((len(points) - 2) * points.shape[1])
-    return float(np.linalg.norm(inside.mean(0) - outside.mean(0)) / np.sqrt(pooled))
+    sd = np.sqrt((resid**2).sum() / ((len(points) - 2) * points.shape[1]))
+    axis = inside.mean(0) - outside.mean(0)
+    own = np.maximum((points - outside.mean(0)) @ (axis / np.linalg.norm(axis)) / sd, 0.0)
+    return float(np.linalg.norm(axis) / sd), own
 
 
 def test_view_score_matches_a_per_cluster_loop():
@@ -205,9 +209,9 @@ def test_view_score_matches_a_per_cluster_loop():
                 top = per_label.argmax()
                 if per_label[top] >= 0.8 * m.sum() and per_label[top] >= 0.5 * (cls == top).sum():
                     continue  # a class, not an anomaly
-                sep = _separation_oracle(pts[f], m)
+                sep, own = _separation_oracle(pts[f], m)
                 if sep >= 0.4:  # closer clusters are tail cuts of one blob
-                    expected[m] += sep**2 / labels.shape[0]
+                    expected[m] += sep * (sep + own[m]) / 2 / labels.shape[0]
     got = view_score(points, labels, limit, crit, classes)
     assert expected.sum() > 0
     assert float(view_score(points, labels, limit, AnomalyCriteria(score_separation=0.0), classes).sum()) > float(
@@ -217,6 +221,20 @@ def test_view_score_matches_a_per_cluster_loop():
     # The class-0 block of filter 0 (k=4) is a class: without class labels it counts.
     free = view_score(points, labels, limit, crit)
     assert float(free[:8].sum()) > float(got[:8].sum())
+
+
+def test_members_of_one_group_rank_by_how_far_they_lie_and_average_its_squared_separation():
+    g = torch.Generator().manual_seed(5)
+    n = 80
+    points = torch.randn(1, n, 2, generator=g, dtype=torch.float64)
+    points[0, :6, 0] += torch.tensor([10.0, 14.0, 18.0, 22.0, 26.0, 30.0], dtype=torch.float64)  # a spread-out group
+    group = (torch.arange(n) < 6).long()
+    score = view_score(points, group[None, None], limit=10, criteria=AnomalyCriteria())
+    assert score[6:].eq(0).all()
+    # The further out, the higher: the group is ordered by the data, not only by its membership.
+    assert bool((score[:6].diff() > 0).all())
+    sep = float(separation(points, group[None].bool())[0])
+    assert float(score[:6].mean()) == pytest.approx(sep**2, rel=1e-9)
 
 
 def test_a_group_that_is_most_but_not_all_of_its_label_still_scores():
@@ -423,3 +441,12 @@ def test_reflag_refuses_a_new_score_floor_and_old_parts_merge_without_a_score(ti
         )
     assert merge_reports(parts, names).outlier_scores is None
     assert merge_reports(parts[:1], names).outlier_scores is parts[0].outlier_scores
+
+
+def test_a_probe_the_model_cannot_take_names_its_shape_and_leaves_no_hook():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    with pytest.raises(
+        RuntimeError, match=r"(?s)probe forward failed on inputs of shape \(16, 12, 12\).*channel dimension"
+    ):
+        analyze(net, torch.randn(16, 12, 12))  # images without their channel dimension
+    assert all(not m._forward_hooks for m in net.modules())
