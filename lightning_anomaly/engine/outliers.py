@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from lightning_anomaly.criteria import AnomalyCriteria
-from lightning_anomaly.engine.scores import member_distance, separation
 from lightning_anomaly.results import CLUSTERING_SETTINGS, AnalysisReport, LayerReport
 
 #: Largest separation a cluster adds to the score (exact point masses would give an infinite one).
@@ -120,24 +119,42 @@ def view_score(
     if points.shape[0] == 0 or labels.shape[0] == 0:
         return score
     weight = 1.0 / labels.shape[0]
+    # Every cluster of every filter at once, from sums (no per-cluster copy of the points): centred per
+    # filter first, so the within-cluster scatter (total minus the two means' parts) keeps its digits.
+    x = points.cpu().double()
+    x = x - x.mean(1, keepdim=True)  # (B, N, d)
+    total_sq = x.square().sum((1, 2))  # (B,)
+    dof = max(1, (n - 2) * x.shape[-1])
+    tiny = torch.finfo(torch.float64).tiny
     for lab in labels.long().cpu():  # one k at a time: (B, N)
-        ok_filter = (lab >= 0).all(1)
+        b = lab.shape[0]
         k = int(lab.max().clamp_min(0)) + 1
-        sizes = torch.nn.functional.one_hot(lab.clamp_min(0), k).sum(1)  # (B, k)
-        largest = sizes.argmax(1)
-        for j in range(k):
-            members = lab == j
-            used = ok_filter & (sizes[:, j] > 0) & (sizes[:, j] <= limit) & (largest != j)
-            if classes is not None and bool(used.any()):
-                used &= ~criteria.class_selective(members, classes)
-            if not bool(used.any()):
-                continue
-            # A group at zero within-cluster spread has an infinite separation: capped, so sums stay finite.
-            pts, group = points[used].cpu(), members[used]
-            sep = separation(pts, group).clamp(max=_MAX_SEPARATION)
-            sep = torch.where(sep >= criteria.score_separation, sep, torch.zeros_like(sep))
-            own = member_distance(pts, group).clamp(max=_MAX_SEPARATION)
-            score += weight * (sep[:, None] * (sep[:, None] + own) / 2 * group.double()).sum(0)
+        clusters = torch.nn.functional.one_hot(lab.clamp_min(0), k).transpose(1, 2)  # (B, k, N)
+        sizes = clusters.sum(2)  # (B, k)
+        not_largest = torch.arange(k) != sizes.argmax(1, keepdim=True)
+        used = (lab >= 0).all(1, keepdim=True) & (sizes > 0) & (sizes <= limit) & not_largest
+        if classes is not None and bool(used.any()):
+            used &= ~criteria.class_selective(clusters.reshape(b * k, n).bool(), classes).view(b, k)
+        if not bool(used.any()):
+            continue
+        c = clusters.double()
+        n_in = sizes.double()
+        n_out = n - n_in
+        sum_in = torch.bmm(c, x)  # (B, k, d); the rest's sum is minus it (x is centred)
+        mean_in = sum_in / n_in.clamp_min(1).unsqueeze(-1)
+        mean_out = -sum_in / n_out.clamp_min(1).unsqueeze(-1)
+        within = total_sq[:, None] - n_in * mean_in.square().sum(-1) - n_out * mean_out.square().sum(-1)
+        sd = (within.clamp_min(0.0) / dof).clamp_min(tiny).sqrt()  # (B, k), as separation() pools it
+        diff = mean_in - mean_out
+        length = diff.norm(dim=-1)
+        axis = diff / length.clamp_min(tiny).unsqueeze(-1)
+        # Each point's distance from the rest's mean along the line to the cluster's (member_distance).
+        own = (torch.bmm(axis, x.transpose(1, 2)) - (axis * mean_out).sum(-1, keepdim=True)) / sd.unsqueeze(-1)
+        # A group at zero within-cluster spread has an infinite separation: capped, so sums stay finite.
+        sep = (length / sd).clamp(max=_MAX_SEPARATION)
+        sep = torch.where(used & (sep >= criteria.score_separation), sep, torch.zeros_like(sep))
+        own = own.clamp(0.0, _MAX_SEPARATION)
+        score += weight * (sep.unsqueeze(-1) * (sep.unsqueeze(-1) + own) / 2 * c).sum((0, 1))
     return score
 
 
@@ -145,10 +162,11 @@ def score_outliers(layers: Iterable[LayerReport], n_samples: int) -> Tensor | No
     """Continuous outlier score of each probe sample, from the layers' :attr:`~LayerReport.score_parts`.
 
     Per view, the square root of the sample's raw score summed over the layers (:func:`view_score`):
-    the root of its summed squared separations, a distance in within-cluster standard deviations.
-    Each view's is divided by its largest value and the views are added, so a sample at the top of
-    both the class-conditional and the global view scores 2 and neither view drowns the other
-    whatever its scale (``docs/FLAGS.md`` compares this with plain sums, ranks and the maximum).
+    the root of its summed contributions (squared separations on average), a distance in
+    within-cluster standard deviations. Each view's is divided by its largest value and the views
+    are added, so a sample at the top of both the class-conditional and the global view scores 2 and
+    neither view drowns the other whatever its scale (``docs/FLAGS.md`` compares this with plain
+    sums, ranks and the maximum).
 
     Returns:
         ``(N,)`` float64 in ``[0, V]``, or ``None`` when no layer has score parts (reports saved

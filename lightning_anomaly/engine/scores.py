@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["calinski_harabasz", "cluster_sizes", "member_distance", "separation"]
+__all__ = ["calinski_harabasz", "cluster_sizes", "member_distance", "separation", "separation_parts"]
 
 
 def cluster_sizes(labels: Tensor, n_clusters: int) -> Tensor:
@@ -141,8 +141,15 @@ def member_distance(points: Tensor, members: Tensor) -> Tensor:
     Returns:
         ``(B, N)`` float64, ``>= 0``; 0 throughout where the group or the rest has no point.
     """
+    return separation_parts(points, members)[1]
+
+
+def separation_parts(points: Tensor, members: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`separation` ``(B,)`` and :func:`member_distance` ``(B, N)`` from one pass over the points."""
     mean_in, mean_out, sd, ok = _group_geometry(points, members)
-    axis = mean_in - mean_out
-    axis = axis / axis.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    diff = mean_in - mean_out
+    length = diff.norm(dim=-1)
+    axis = diff / length.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(-1)
     dist = ((points.double() - mean_out.unsqueeze(1)) * axis.unsqueeze(1)).sum(-1) / sd.unsqueeze(-1)
-    return torch.where(ok.unsqueeze(-1), dist.clamp_min(0.0), torch.zeros_like(dist))
+    sep = torch.where(ok, length / sd, torch.zeros_like(length))
+    return sep, torch.where(ok.unsqueeze(-1), dist.clamp_min(0.0), torch.zeros_like(dist))
