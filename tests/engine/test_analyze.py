@@ -183,15 +183,17 @@ def _separation_oracle(points: np.ndarray, members: np.ndarray) -> tuple[float, 
     return float(np.linalg.norm(axis) / sd), own
 
 
-def test_view_score_matches_a_per_cluster_loop():
+@pytest.mark.parametrize("dims", [1, 2])  # 1: layers of 1x1 maps, scored in their own dimension
+def test_view_score_matches_a_per_cluster_loop(dims):
     g = torch.Generator().manual_seed(3)
     b, n, limit = 4, 30, 12
-    points = torch.randn(b, n, 2, generator=g, dtype=torch.float64)
+    points = torch.randn(b, n, dims, generator=g, dtype=torch.float64) + 5.0  # off-centre: the score centres
     classes = torch.randint(1, 3, (n,), generator=g)
     classes[:8] = 0  # class 0 is the first 8 samples
     labels = torch.stack([torch.randint(0, k, (b, n), generator=g) for k in (2, 3, 4)])
     labels[1, 2] = -1  # k=3 failed for filter 2
     labels[2, 0] = (torch.arange(n) >= 8).long() * 3  # filter 0 at k=4: the class-0 block is a cluster
+    points[0, :8] += 3.0  # and lies apart
     crit = AnomalyCriteria(class_purity=0.8, class_coverage=0.5, score_separation=0.4)
     expected = np.zeros(n)
     pts, lab_np, cls = points.numpy(), labels.numpy(), classes.numpy()
