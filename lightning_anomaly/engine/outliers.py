@@ -119,8 +119,9 @@ def view_score(
     if points.shape[0] == 0 or labels.shape[0] == 0:
         return score
     weight = 1.0 / labels.shape[0]
-    # Every cluster of every filter at once, from sums (no per-cluster copy of the points): centred per
-    # filter first, so the within-cluster scatter (total minus the two means' parts) keeps its digits.
+    # Per k, every cluster of every filter that has one that counts, at once, from sums (no per-cluster
+    # copy of the points). Points are centred per filter first, so the within-cluster scatter (the total
+    # minus the two means' parts) keeps its digits.
     x = points.cpu().double()
     x = x - x.mean(1, keepdim=True)  # (B, N, d)
     total_sq = x.square().sum((1, 2))  # (B,)
@@ -135,21 +136,23 @@ def view_score(
         used = (lab >= 0).all(1, keepdim=True) & (sizes > 0) & (sizes <= limit) & not_largest
         if classes is not None and bool(used.any()):
             used &= ~criteria.class_selective(clusters.reshape(b * k, n).bool(), classes).view(b, k)
-        if not bool(used.any()):
+        rows = used.any(1).nonzero().squeeze(1)  # only filters with a cluster that counts
+        if not rows.numel():
             continue
-        c = clusters.double()
-        n_in = sizes.double()
+        used, xr = used[rows], x[rows]
+        c = clusters[rows].double()
+        n_in = sizes[rows].double()
         n_out = n - n_in
-        sum_in = torch.bmm(c, x)  # (B, k, d); the rest's sum is minus it (x is centred)
+        sum_in = torch.bmm(c, xr)  # (R, k, d); the rest's sum is minus it (x is centred)
         mean_in = sum_in / n_in.clamp_min(1).unsqueeze(-1)
         mean_out = -sum_in / n_out.clamp_min(1).unsqueeze(-1)
-        within = total_sq[:, None] - n_in * mean_in.square().sum(-1) - n_out * mean_out.square().sum(-1)
-        sd = (within.clamp_min(0.0) / dof).clamp_min(tiny).sqrt()  # (B, k), as separation() pools it
+        within = total_sq[rows, None] - n_in * mean_in.square().sum(-1) - n_out * mean_out.square().sum(-1)
+        sd = (within.clamp_min(0.0) / dof).clamp_min(tiny).sqrt()  # (R, k), as separation() pools it
         diff = mean_in - mean_out
         length = diff.norm(dim=-1)
         axis = diff / length.clamp_min(tiny).unsqueeze(-1)
         # Each point's distance from the rest's mean along the line to the cluster's (member_distance).
-        own = (torch.bmm(axis, x.transpose(1, 2)) - (axis * mean_out).sum(-1, keepdim=True)) / sd.unsqueeze(-1)
+        own = (torch.bmm(axis, xr.transpose(1, 2)) - (axis * mean_out).sum(-1, keepdim=True)) / sd.unsqueeze(-1)
         # A group at zero within-cluster spread has an infinite separation: capped, so sums stay finite.
         sep = (length / sd).clamp(max=_MAX_SEPARATION)
         sep = torch.where(used & (sep >= criteria.score_separation), sep, torch.zeros_like(sep))
