@@ -325,6 +325,29 @@ def compile_arm(model: nn.Module, x: Tensor, y: Tensor, reps: int, eager_report:
     }
 
 
+def run_over_models(
+    bench: str, doc: str | None, run_model: Callable[[str, nn.Module, Tensor, Tensor, int], dict[str, Any]]
+) -> None:
+    """The command line shared by the benchmarks that time one model at a time on ``build``'s models.
+
+    Parses ``--reps``, ``--models``, ``--probe``, ``--seed`` and ``--train-epochs``, runs
+    ``run_model(name, model, x, y, reps)`` per model with one intra-op thread and prints the JSON line.
+    """
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--models", nargs="+", default=["small_cnn", "resnet18"], choices=["small_cnn", "resnet18"])
+    p.add_argument("--probe", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-epochs", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    result: dict[str, Any] = {"bench": bench, "threads": 1, "reps": args.reps, "timer": "process_time"}
+    result["torch"] = torch.__version__
+    for name, (model, x, y) in build(args).items():
+        result[name] = run_model(name, model, x, y, args.reps)
+    print(json.dumps(result))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=5, help="repetitions per arm (median reported)")

@@ -25,15 +25,13 @@ Prints a table per model, then one JSON line last.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import statistics
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from bench_analysis_ab import build, timed
+from bench_analysis_ab import run_over_models, timed
 from torch import Tensor
 
 import lightning_anomaly.engine.capture as capture
@@ -119,19 +117,7 @@ def run_model(name: str, model: torch.nn.Module, x: Tensor, y: Tensor, reps: int
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--models", nargs="+", default=["small_cnn", "resnet18"], choices=["small_cnn", "resnet18"])
-    p.add_argument("--probe", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-epochs", type=int, default=1)
-    args = p.parse_args()
-    torch.set_num_threads(1)
-    result: dict[str, Any] = {"bench": "views", "threads": 1, "reps": args.reps, "timer": "process_time"}
-    result["torch"] = torch.__version__
-    for name, (model, x, y) in build(args).items():
-        result[name] = run_model(name, model, x, y, args.reps)
-    print(json.dumps(result))
+    run_over_models("views", __doc__, run_model)
 
 
 if __name__ == "__main__":
