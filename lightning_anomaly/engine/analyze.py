@@ -248,7 +248,9 @@ def analyze(
             a batch dimension, targets do not match, the backend is unknown, the model has no conv
             layer or ``layers`` names an unknown module.
         TypeError: ``criteria`` is not an :class:`AnomalyCriteria`, or ``compile`` is not a bool.
-        RuntimeError: ``compile=True`` and ``torch.compile`` cannot build the steps (no C++ compiler).
+        RuntimeError: ``compile=True`` and ``torch.compile`` cannot build the steps (no C++ compiler), or
+            the probe forward failed (the model's own error, with the probe's shape; subclasses such as
+            ``torch.OutOfMemoryError`` and ``NotImplementedError`` pass through as they are).
     """
     start = time.perf_counter()
     if not isinstance(compile, bool):
@@ -291,18 +293,27 @@ def analyze(
     pca = sklearn_pca if backend == "sklearn" else batched_pca
     # Layers chosen by default, by class or by pattern that do not run in eval mode (auxiliary heads)
     # are left out; layers named exactly must run.
-    captures = capture_layers(
-        model,
-        x,
-        modules,
-        criteria.n_components,
-        pca=pca,
-        forward=forward,
-        on_layer=on_layer,
-        required=named_exactly(layers),
-        groups=classes if criteria.class_conditional else None,
-        global_view=criteria.global_view,
-    )
+    try:
+        captures = capture_layers(
+            model,
+            x,
+            modules,
+            criteria.n_components,
+            pca=pca,
+            forward=forward,
+            on_layer=on_layer,
+            required=named_exactly(layers),
+            groups=classes if criteria.class_conditional else None,
+            global_view=criteria.global_view,
+        )
+    except RuntimeError as err:
+        if type(err) is not RuntimeError:  # out of memory, linear algebra, NotImplementedError: as they are
+            raise
+        raise RuntimeError(
+            f"the probe forward failed on inputs of shape {tuple(x.shape)}: {err}\nIf that is a shape mismatch, "
+            "check that the probe holds what the model takes in training (images as (N, C, H, W), with the channel "
+            "dimension), or pass forward=... to say how to call the model"
+        ) from err
     if not captures:
         raise ValueError(
             "none of the model's conv layers ran in the probe forward (eval mode); check the model's forward or "

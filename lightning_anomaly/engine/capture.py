@@ -187,13 +187,6 @@ def hooked_forward(
     try:
         with torch.no_grad(), eval_mode(model):
             return model(inputs) if forward is None else forward(model, inputs)
-    except RuntimeError as err:  # the model's own error (a shape mismatch, most often): say what was fed
-        shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
-        raise RuntimeError(
-            f"the probe forward failed on inputs of shape {shape}: {err}\nCheck that the probe holds what the "
-            "model takes in training (images as (N, C, H, W), with the channel dimension), or pass forward=... "
-            "to say how to call the model"
-        ) from err
     finally:
         for handle in handles:
             handle.remove()

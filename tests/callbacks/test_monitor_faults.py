@@ -60,6 +60,15 @@ def test_forward_fn_reaches_every_forward(tmp_path):
     assert 24 in calls
 
 
+def test_a_module_without_forward_is_told_about_forward_fn(tmp_path):
+    with pytest.raises(NotImplementedError, match="forward_fn="):
+        quiet_fit(tmp_path, [AnomalyFilterCallback(probe_size=24)], max_epochs=1, model=NoForward())
+    # analyze passes the module's own NotImplementedError through, not a probe-shape message.
+    with pytest.raises(NotImplementedError) as caught:
+        analyze(NoForward(), make_data(24).tensors[0])
+    assert "probe forward failed" not in str(caught.value)
+
+
 def test_a_second_fit_gets_its_own_probe_history_and_epoch_zero(tmp_path):
     monitor = AnomalyFilterCallback(probe_size=24)
     quiet_fit(tmp_path / "a", [monitor], max_epochs=1, model=Net(n=96))
