@@ -28,6 +28,7 @@ from lightning_anomaly import AnomalyFilterCallback, analyze
 from lightning_anomaly.demo import SmallCNN, digits_tensors
 from lightning_anomaly.demo.module import ImageClassifier
 from lightning_anomaly.engine import capture_layers, per_sample_grad_norms, select_layers
+from lightning_anomaly.engine.analyze import class_ids
 
 
 def timed_fit(make_model, train, val, epochs, callback, batch_size):
@@ -62,6 +63,10 @@ def _best_of(fn, repeats=3):
 def stage_times(net, probe) -> dict:
     """Where one analysis of the trained network goes (best of 3), and a floor to compare it with.
 
+    The stages are the callback's analysis (class labels, so both views) taken apart: the capture, the
+    clustering and flags (an analysis with the labels but no targets, less the capture), and the gradient
+    norms.
+
     ``fwd_bwd`` is one plain forward and backward of the probe with a summed loss: the least work
     that sees every sample's gradient, so no exact per-sample gradient norm can cost less.
     """
@@ -76,8 +81,10 @@ def stage_times(net, probe) -> dict:
         loss = torch.nn.functional.cross_entropy(net(x), y, reduction="sum")
         torch.autograd.grad(loss, [p for p in net.parameters() if p.requires_grad])
 
-    capture = _best_of(lambda: capture_layers(net, x, select_layers(net), 2))
-    no_targets = _best_of(lambda: analyze(net, x))
+    # As the callback analyses: class-conditional maps and the global view from the probe's labels.
+    classes = class_ids(y)
+    capture = _best_of(lambda: capture_layers(net, x, select_layers(net), 2, groups=classes, global_view=True))
+    no_targets = _best_of(lambda: analyze(net, x, classes=y))
     return {
         "forward_s": _best_of(forward),
         "capture_and_pca_s": capture,
