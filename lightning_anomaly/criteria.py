@@ -427,3 +427,19 @@ class AnomalyCriteria:
         if class_selective is not None:
             used &= ~class_selective
         return torch.where(used, separation.double().square(), torch.zeros((), dtype=torch.float64))
+
+
+def as_criteria(criteria: Any) -> AnomalyCriteria:
+    """``criteria`` itself, or the defaults for ``None``; anything else is a ``TypeError`` naming the fix.
+
+    Example::
+
+        >>> as_criteria(None) == AnomalyCriteria()
+        True
+    """
+    if criteria is None:
+        return AnomalyCriteria()
+    if not isinstance(criteria, AnomalyCriteria):
+        hint = "; from a dict of settings, pass AnomalyCriteria(**settings)" if isinstance(criteria, dict) else ""
+        raise TypeError(f"criteria must be an AnomalyCriteria, got {type(criteria).__name__}{hint}")
+    return criteria

@@ -26,7 +26,7 @@ from lightning_anomaly.callbacks._dist import rank_zero_decides
 from lightning_anomaly.callbacks._probe import FitProbe, read_training_probe
 from lightning_anomaly.callbacks._settings import check_settings, check_siblings
 from lightning_anomaly.callbacks._work import analyze_part, eager, intra_op_threads, run_everywhere
-from lightning_anomaly.criteria import AnomalyCriteria
+from lightning_anomaly.criteria import AnomalyCriteria, as_criteria
 from lightning_anomaly.engine.capture import named_exactly, select_layers
 from lightning_anomaly.history import HistoryEntry
 from lightning_anomaly.probe import check_probe, dataset_labels, stratified_indices
@@ -130,12 +130,7 @@ class AnomalyFilterCallback(Callback):
         num_threads: int | None = None,
     ) -> None:
         super().__init__()
-        self.criteria = criteria if criteria is not None else AnomalyCriteria()
-        if not isinstance(self.criteria, AnomalyCriteria):
-            raise TypeError(
-                f"criteria must be an AnomalyCriteria, got {type(criteria).__name__}"
-                + ("; from a dict of settings, pass AnomalyCriteria(**settings)" if isinstance(criteria, dict) else "")
-            )
+        self.criteria = as_criteria(criteria)
         if probe is None:  # ignored beside an explicit probe
             check_settings(probe_size=probe_size)
         check_settings(

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_anomaly.criteria import AnomalyCriteria
+from lightning_anomaly.criteria import AnomalyCriteria, as_criteria
 from lightning_anomaly.engine.capture import LayerCapture, LayerSpec, capture_layers, named_exactly, select_layers
 from lightning_anomaly.engine.gmm import fit_gmm, uniform_width
 from lightning_anomaly.engine.gradients import LossFn, per_sample_grad_norms
@@ -255,12 +255,7 @@ def analyze(
     start = time.perf_counter()
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be a bool, got {compile!r}")
-    criteria = criteria if criteria is not None else AnomalyCriteria()
-    if not isinstance(criteria, AnomalyCriteria):
-        raise TypeError(
-            f"criteria must be an AnomalyCriteria, got {type(criteria).__name__}"
-            + ("; from a dict of settings, pass AnomalyCriteria(**settings)" if isinstance(criteria, dict) else "")
-        )
+    criteria = as_criteria(criteria)
     if backend not in ("torch", "sklearn"):
         raise ValueError(f"backend must be 'torch' or 'sklearn', got {backend!r}")
     if not isinstance(inputs, Tensor) or inputs.ndim < 2:
