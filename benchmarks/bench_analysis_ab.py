@@ -8,8 +8,11 @@ defaults (the callback's own call).
 
 The "before" arm swaps the engine code as it stood before issue 16 into the package for its turn:
 ``bench_ab.py``'s ``_old_fit_batched`` and ``_old_batched_pca`` (mixture fit and PCA), and, copied
-below, the old ``capture.reduce_maps`` and ``gradients._layer_sq_norm`` (unchanged before issue 16,
-see ``git log -- lightning_anomaly/engine/gradients.py``). The arms alternate (order flipped every
+below, the old ``capture.reduce_maps``, ``gradients._layer_sq_norm`` (unchanged before issue 16,
+see ``git log -- lightning_anomaly/engine/gradients.py``) and ``scores.calinski_harabasz`` (called once
+per k on the raw points). The outlier score's ``outliers.view_score`` came after issue 16 was filed; the
+"before" arm runs it as it stood on 2026-12-06 (367fde6, already batched over clusters), so the ratio
+counts only what changed since. The arms alternate (order flipped every
 repetition); each figure is the median over ``--reps``. Timing is CPU time of this process with one
 intra-op thread (a second job on the machine slows the wall clock, not these figures); wall-clock
 ratios are printed beside. Ratios are before / after.
@@ -36,6 +39,7 @@ import argparse
 import contextlib
 import importlib
 import json
+import math
 import os
 import statistics
 import time
@@ -53,6 +57,8 @@ import lightning_anomaly.engine.gradients as gradients
 from lightning_anomaly import AnomalyCriteria
 from lightning_anomaly.demo import digits_tensors
 from lightning_anomaly.demo.train import train_plain
+from lightning_anomaly.engine.outliers import _MAX_SEPARATION
+from lightning_anomaly.engine.scores import cluster_sizes
 
 analysis = importlib.import_module("lightning_anomaly.engine.analyze")  # the module, not the function
 #: The settings issue 16 was measured with: one view (the global view of issue 12 came later and has
@@ -165,6 +171,72 @@ def _old_layer_sq_norm(m: nn.Module, x: Tensor, d: Tensor) -> Tensor:
     return sq
 
 
+def _old_calinski_harabasz(points: Tensor, labels: Tensor, n_clusters: int) -> Tensor:
+    """``scores.calinski_harabasz`` before issue 16: per call, its own float64 copy, mean and total."""
+    x = points.double()
+    n = x.shape[1]
+    index = labels.long().unsqueeze(-1)
+    counts = cluster_sizes(labels, n_clusters).double()
+    sums = torch.zeros(x.shape[0], n_clusters, x.shape[2], dtype=x.dtype, device=x.device)
+    sums.scatter_add_(1, index.expand_as(x), x)
+    centroids = sums / counts.clamp_min(1).unsqueeze(-1)
+    grand = x.mean(1, keepdim=True)
+    ssb = (counts * (centroids - grand).square().sum(-1)).sum(-1)
+    total = (x - grand).square().sum((1, 2))
+    ssw = (total - ssb).clamp_min(0.0)
+    k = (counts > 0).sum(-1).double()
+    ch = ssb * (n - k) / (ssw * (k - 1.0))
+    ch = torch.where(ssw <= 1e-12 * total, torch.ones_like(ch), ch)
+    return torch.where((k < 2) | (k >= n), torch.full_like(ch, math.nan), ch)
+
+
+def _old_view_score(
+    points: Tensor, labels: Tensor, limit: int, criteria: AnomalyCriteria, classes: Tensor | None = None
+) -> Tensor:
+    """``outliers.view_score`` as of 367fde6 (issue 12's score, later than issue 16's filing): one
+    ``(filters, k, N)`` one-hot per k over every filter, the class rule on its masks, two ``bmm``s."""
+    n = points.shape[1]
+    score = torch.zeros(n, dtype=torch.float64)
+    if points.shape[0] == 0 or labels.shape[0] == 0:
+        return score
+    weight = 1.0 / labels.shape[0]
+    x = points.cpu().double()
+    x = x - x.mean(1, keepdim=True)
+    total_sq = x.square().sum((1, 2))
+    dof = max(1, (n - 2) * x.shape[-1])
+    tiny = torch.finfo(torch.float64).tiny
+    for lab in labels.long().cpu():
+        b = lab.shape[0]
+        k = int(lab.max().clamp_min(0)) + 1
+        clusters = torch.nn.functional.one_hot(lab.clamp_min(0), k).transpose(1, 2)
+        sizes = clusters.sum(2)
+        not_largest = torch.arange(k) != sizes.argmax(1, keepdim=True)
+        used = (lab >= 0).all(1, keepdim=True) & (sizes > 0) & (sizes <= limit) & not_largest
+        if classes is not None and bool(used.any()):
+            used &= ~criteria.class_selective(clusters.reshape(b * k, n).bool(), classes).view(b, k)
+        rows = used.any(1).nonzero().squeeze(1)
+        if not rows.numel():
+            continue
+        used, xr = used[rows], x[rows]
+        c = clusters[rows].double()
+        n_in = sizes[rows].double()
+        n_out = n - n_in
+        sum_in = torch.bmm(c, xr)
+        mean_in = sum_in / n_in.clamp_min(1).unsqueeze(-1)
+        mean_out = -sum_in / n_out.clamp_min(1).unsqueeze(-1)
+        within = total_sq[rows, None] - n_in * mean_in.square().sum(-1) - n_out * mean_out.square().sum(-1)
+        sd = (within.clamp_min(0.0) / dof).clamp_min(tiny).sqrt()
+        diff = mean_in - mean_out
+        length = diff.norm(dim=-1)
+        axis = diff / length.clamp_min(tiny).unsqueeze(-1)
+        own = (torch.bmm(axis, xr.transpose(1, 2)) - (axis * mean_out).sum(-1, keepdim=True)) / sd.unsqueeze(-1)
+        sep = (length / sd).clamp(max=_MAX_SEPARATION)
+        sep = torch.where(used & (sep >= criteria.score_separation), sep, torch.zeros_like(sep))
+        own = own.clamp(0.0, _MAX_SEPARATION)
+        score += weight * (sep.unsqueeze(-1) * (sep.unsqueeze(-1) + own) / 2 * c).sum((0, 1))
+    return score
+
+
 @contextlib.contextmanager
 def before_issue_16() -> Iterator[None]:
     """The engine as it stood before issue 16: old mixture fit, PCA, reduction and gradient norms."""
@@ -173,6 +245,10 @@ def before_issue_16() -> Iterator[None]:
         stack.enter_context(bench_ab.patched(analysis, "batched_pca", bench_ab._old_batched_pca))
         stack.enter_context(bench_ab.patched(capture, "reduce_maps", _old_reduce_maps))
         stack.enter_context(bench_ab.patched(gradients, "_layer_sq_norm", _old_layer_sq_norm))
+        # The old cluster_every_k gave CH the points themselves, once per k.
+        stack.enter_context(bench_ab.patched(analysis, "centred", lambda points: (points,)))
+        stack.enter_context(bench_ab.patched(analysis, "calinski_harabasz_centred", _old_calinski_harabasz))
+        stack.enter_context(bench_ab.patched(analysis, "view_score", _old_view_score))
         yield
 
 

@@ -340,10 +340,22 @@ class AnomalyCriteria:
         if masks.numel() == 0:
             return torch.zeros(masks.shape[0], dtype=torch.bool)
         onehot = torch.nn.functional.one_hot(classes.long(), int(classes.max()) + 1).double()  # (N, G)
-        counts = masks.double() @ onehot  # (C, G)
-        top, which = counts.max(1)
-        size = masks.sum(1).double()
-        per_class = onehot.sum(0)[which]
+        return self.class_selective_counts(masks.double() @ onehot, onehot.sum(0))
+
+    def class_selective_counts(self, counts: Tensor, class_sizes: Tensor) -> Tensor:
+        """:meth:`class_selective` from each cluster's members per class.
+
+        Args:
+            counts: ``(..., G)`` members of each cluster with each label.
+            class_sizes: ``(G,)`` the probe's samples with each label.
+
+        Returns:
+            ``(...)`` bool.
+        """
+        counts = counts.double()
+        top, which = counts.max(-1)
+        size = counts.sum(-1)
+        per_class = class_sizes.double()[which]
         return (size > 0) & (top >= self.class_purity * size) & (top >= self.class_coverage * per_class)
 
     def flag(

@@ -122,6 +122,9 @@ def test_class_selective_rule_and_its_flags():
     masks[2, :2] = True  # pure, but 2 of 5 (40% < class_coverage 70%)
     selective = crit.class_selective(masks, classes)
     assert selective.tolist() == [True, False, False]
+    # The same rule from per-class member counts (how the outlier score applies it to every cluster at once).
+    counts = torch.stack([torch.bincount(classes[m], minlength=4) for m in masks])
+    assert crit.class_selective_counts(counts, torch.bincount(classes)).tolist() == selective.tolist()
     sizes = masks.sum(1)
     ch = torch.tensor([10.0, 10.0, 10.0], dtype=torch.float64)
     flags = crit.flag(sizes, ch, torch.ones(3), torch.zeros(3, dtype=torch.bool), 20, class_selective=selective)

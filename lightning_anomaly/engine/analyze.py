@@ -19,7 +19,7 @@ from lightning_anomaly.engine.gradients import LossFn, per_sample_grad_norms
 from lightning_anomaly.engine.outliers import count_outliers, judge_filters, score_outliers, view_score
 from lightning_anomaly.engine.pca import batched_pca
 from lightning_anomaly.engine.reference import sklearn_cluster, sklearn_pca
-from lightning_anomaly.engine.scores import calinski_harabasz, cluster_sizes, separation
+from lightning_anomaly.engine.scores import calinski_harabasz_centred, centred, cluster_sizes, separation
 from lightning_anomaly.results import AnalysisReport, LayerReport
 
 __all__ = ["analyze", "best_by_ch", "cluster_every_k", "cluster_points"]
@@ -138,6 +138,7 @@ def cluster_every_k(
     if sum(c for _, c in groups) != b:
         raise ValueError(f"groups cover {sum(c for _, c in groups)} problems, points hold {b}")
     chs, labs, convs = [], [], []
+    centred_points = centred(points)  # shared by every k's CH
     for k in criteria.k_values:
         fit = fit_gmm(
             points,
@@ -150,7 +151,7 @@ def cluster_every_k(
             uniforms=_group_uniforms(groups, k, criteria.n_init, seed),
             compile=compile,
         )
-        chs.append(calinski_harabasz(points, fit.labels, k))
+        chs.append(calinski_harabasz_centred(*centred_points, fit.labels, k))
         labs.append(fit.labels)
         convs.append(fit.converged)
     return torch.stack(chs), torch.stack(labs), torch.stack(convs)

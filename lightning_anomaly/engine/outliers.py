@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from lightning_anomaly.criteria import AnomalyCriteria
+from lightning_anomaly.engine.scores import cluster_sizes
 from lightning_anomaly.results import CLUSTERING_SETTINGS, AnalysisReport, LayerReport
 
 #: Largest separation a cluster adds to the score (exact point masses would give an infinite one).
@@ -120,46 +121,59 @@ def view_score(
     if points.shape[0] == 0 or labels.shape[0] == 0:
         return score
     weight = 1.0 / labels.shape[0]
-    # Per k, every cluster of every filter that has one that counts, at once, from sums (no per-cluster
-    # copy of the points). Points are centred per filter first: the within-cluster scatter (the total minus
-    # the two means' parts) then loses about sep**2 machine epsilons, relative (2.6e-6 at a separation of
-    # 1e6, where the cap takes over), which no ranking notices.
-    x = points.cpu().double()
-    x = x - x.mean(1, keepdim=True)  # (B, N, d)
-    total_sq = x.square().sum((1, 2))  # (B,)
-    dof = max(1, (n - 2) * x.shape[-1])
+    if classes is not None:
+        classes = classes.long().cpu()
+        n_classes = int(classes.max()) + 1
+        class_sizes = torch.bincount(classes, minlength=n_classes)
+    dof = max(1, (n - 2) * points.shape[-1])
     tiny = torch.finfo(torch.float64).tiny
+    # Per k, every cluster of every filter that has one that counts, at once. Clusters are told apart by
+    # their sizes and per-class counts (scatters over the labels), and only the filters with a cluster that
+    # counts are measured, from sums, each point against its own cluster: nothing of size (filters x k x N)
+    # is made. Points are centred per filter first: the within-cluster scatter (the total minus the two
+    # means' parts) then loses about sep**2 machine epsilons, relative (2.6e-6 at a separation of 1e6,
+    # where the cap takes over), which no ranking notices.
     for lab in labels.long().cpu():  # one k at a time: (B, N)
-        b = lab.shape[0]
         k = int(lab.max().clamp_min(0)) + 1
-        clusters = torch.nn.functional.one_hot(lab.clamp_min(0), k).transpose(1, 2)  # (B, k, N)
-        sizes = clusters.sum(2)  # (B, k)
+        whole = (lab >= 0).all(1, keepdim=True)  # a failed k labels a filter -1 throughout
+        lab = lab.clamp_min(0)
+        sizes = cluster_sizes(lab, k)  # (B, k)
         not_largest = torch.arange(k) != sizes.argmax(1, keepdim=True)
-        used = (lab >= 0).all(1, keepdim=True) & (sizes > 0) & (sizes <= limit) & not_largest
-        if classes is not None and bool(used.any()):
-            used &= ~criteria.class_selective(clusters.reshape(b * k, n).bool(), classes).view(b, k)
-        rows = used.any(1).nonzero().squeeze(1)  # only filters with a cluster that counts
+        used = whole & (sizes > 0) & (sizes <= limit) & not_largest
+        if classes is not None:
+            cand = used.any(1).nonzero().squeeze(1)
+            if cand.numel():
+                per_class = cluster_sizes(lab[cand] * n_classes + classes, k * n_classes)
+                used[cand] &= ~criteria.class_selective_counts(per_class.view(-1, k, n_classes), class_sizes)
+        rows = used.any(1).nonzero().squeeze(1)
         if not rows.numel():
             continue
-        used, xr = used[rows], x[rows]
-        c = clusters[rows].double()
+        used, lab = used[rows], lab[rows]
+        x = points[rows].cpu().double()
+        x = x - x.mean(1, keepdim=True)  # (R, N, d)
+        d = x.shape[-1]
         n_in = sizes[rows].double()
         n_out = n - n_in
-        sum_in = torch.bmm(c, xr)  # (R, k, d); the rest's sum is minus it (x is centred)
-        mean_in = sum_in / n_in.clamp_min(1).unsqueeze(-1)
+        sum_in = x.new_zeros(len(rows), k, d).scatter_add_(1, lab.unsqueeze(-1).expand(-1, -1, d), x)
+        mean_in = sum_in / n_in.clamp_min(1).unsqueeze(-1)  # the rest's sum is minus the cluster's (x is centred)
         mean_out = -sum_in / n_out.clamp_min(1).unsqueeze(-1)
-        within = total_sq[rows, None] - n_in * mean_in.square().sum(-1) - n_out * mean_out.square().sum(-1)
+        within = (
+            x.square().sum((1, 2)).unsqueeze(1) - n_in * mean_in.square().sum(-1) - n_out * mean_out.square().sum(-1)
+        )
         sd = (within.clamp_min(0.0) / dof).clamp_min(tiny).sqrt()  # (R, k), as separation() pools it
         diff = mean_in - mean_out
         length = diff.norm(dim=-1)
         axis = diff / length.clamp_min(tiny).unsqueeze(-1)
-        # Each point's distance from the rest's mean along the line to the cluster's (member_distance).
-        own = (torch.bmm(axis, xr.transpose(1, 2)) - (axis * mean_out).sum(-1, keepdim=True)) / sd.unsqueeze(-1)
         # A group at zero within-cluster spread has an infinite separation: capped, so sums stay finite.
         sep = (length / sd).clamp(max=_MAX_SEPARATION)
         sep = torch.where(used & (sep >= criteria.score_separation), sep, torch.zeros_like(sep))
-        own = own.clamp(0.0, _MAX_SEPARATION)
-        score += weight * (sep.unsqueeze(-1) * (sep.unsqueeze(-1) + own) / 2 * c).sum((0, 1))
+        # Each point, against its own cluster: its distance from the rest's mean along the line to the
+        # cluster's mean (member_distance), in the cluster's pooled SDs.
+        along = (axis.gather(1, lab.unsqueeze(-1).expand(-1, -1, d)) * x).sum(-1)  # (R, N)
+        offset = (axis * mean_out).sum(-1)  # (R, k)
+        own = ((along - offset.gather(1, lab)) / sd.gather(1, lab)).clamp(0.0, _MAX_SEPARATION)
+        s = sep.gather(1, lab)
+        score += weight * (s * (s + own) / 2).sum(0)
     return score
 
 

@@ -7,7 +7,15 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["calinski_harabasz", "cluster_sizes", "member_distance", "separation", "separation_parts"]
+__all__ = [
+    "calinski_harabasz",
+    "calinski_harabasz_centred",
+    "centred",
+    "cluster_sizes",
+    "member_distance",
+    "separation",
+    "separation_parts",
+]
 
 
 def cluster_sizes(labels: Tensor, n_clusters: int) -> Tensor:
@@ -48,16 +56,27 @@ def calinski_harabasz(points: Tensor, labels: Tensor, n_clusters: int) -> Tensor
     Returns:
         ``(B,)`` float64.
     """
+    return calinski_harabasz_centred(*centred(points), labels, n_clusters)
+
+
+def centred(points: Tensor) -> tuple[Tensor, Tensor]:
+    """``(B, N, d)`` points in float64 less each problem's mean, and each problem's total scatter ``(B,)``.
+
+    What :func:`calinski_harabasz_centred` takes: compute it once for every labelling of the same points.
+    """
     x = points.double()
+    x = x - x.mean(1, keepdim=True)
+    return x, x.square().sum((1, 2))
+
+
+def calinski_harabasz_centred(x: Tensor, total: Tensor, labels: Tensor, n_clusters: int) -> Tensor:
+    """:func:`calinski_harabasz` of points given as :func:`centred` returns them."""
     n = x.shape[1]
-    index = labels.long().unsqueeze(-1)  # (B, N, 1)
     counts = cluster_sizes(labels, n_clusters).double()  # (B, K)
-    sums = torch.zeros(x.shape[0], n_clusters, x.shape[2], dtype=x.dtype, device=x.device)
-    sums.scatter_add_(1, index.expand_as(x), x)
-    centroids = sums / counts.clamp_min(1).unsqueeze(-1)  # (B, K, d)
-    grand = x.mean(1, keepdim=True)  # (B, 1, d)
-    ssb = (counts * (centroids - grand).square().sum(-1)).sum(-1)
-    total = (x - grand).square().sum((1, 2))
+    sums = x.new_zeros(x.shape[0], n_clusters, x.shape[2])
+    sums.scatter_add_(1, labels.long().unsqueeze(-1).expand_as(x), x)
+    # Between-cluster scatter about the grand mean (0: x is centred): sum over clusters of |sum|^2 / count.
+    ssb = (sums.square().sum(-1) / counts.clamp_min(1)).sum(-1)
     # Within-cluster scatter by the parallel-axis theorem: total minus between-cluster scatter.
     ssw = (total - ssb).clamp_min(0.0)
     k = (counts > 0).sum(-1).double()

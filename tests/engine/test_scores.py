@@ -11,9 +11,10 @@ from lightning_anomaly.engine.scores import calinski_harabasz, cluster_sizes
 
 @pytest.mark.parametrize("k", [2, 3, 6])
 @pytest.mark.parametrize("d", [1, 2])
-def test_matches_sklearn_and_torchmetrics(k, d):
+@pytest.mark.parametrize("offset", [0.0, 1e3])  # far from the origin: the index centres the points first
+def test_matches_sklearn_and_torchmetrics(k, d, offset):
     g = torch.Generator().manual_seed(k * 10 + d)
-    pts = torch.randn(16, 50, d, generator=g) + torch.randint(0, 3, (16, 50, 1), generator=g) * 2.0
+    pts = torch.randn(16, 50, d, generator=g) + torch.randint(0, 3, (16, 50, 1), generator=g) * 2.0 + offset
     labels = torch.randint(0, k, (16, 50), generator=g)
     ours = calinski_harabasz(pts, labels, k)
     for i in range(16):
