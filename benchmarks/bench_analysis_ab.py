@@ -23,7 +23,9 @@ Models, probe of 256 digits (scikit-learn's, upscaled to 32x32, no download):
   * ``resnet18``: torchvision's ResNet-18 with random weights (4,800 filters, maps 16x16 to 1x1).
 
 Per model: the whole analysis; each stage on its own (probe forward, capture = forward + per-filter
-reduction and PCA, clustering and flags, gradient norms); agreement of the two arms' reports (same
+reduction and PCA, clustering and flags, gradient norms, and a plain forward and backward of the probe);
+the floor (the probe forward plus that forward and backward: what an analysis with its own capture
+forward and exact gradient norms costs at least) and the best ratio it leaves, before / floor; agreement of the two arms' reports (same
 k, same anomaly flags, same top outliers, largest relative difference of the gradient norms). With
 ``--compile``, ``analyze(..., compile=True)`` is timed too: its first call (warm-up, compilation
 included) and the median of later calls, against the default.
@@ -190,6 +192,11 @@ def _old_calinski_harabasz(points: Tensor, labels: Tensor, n_clusters: int) -> T
     return torch.where((k < 2) | (k >= n), torch.full_like(ch, math.nan), ch)
 
 
+def _old_centred(points: Tensor) -> tuple[Tensor]:
+    """With :func:`_old_calinski_harabasz`: the old ``cluster_every_k`` passed the raw points to CH."""
+    return (points,)
+
+
 def _old_view_score(
     points: Tensor, labels: Tensor, limit: int, criteria: AnomalyCriteria, classes: Tensor | None = None
 ) -> Tensor:
@@ -246,7 +253,7 @@ def before_issue_16() -> Iterator[None]:
         stack.enter_context(bench_ab.patched(capture, "reduce_maps", _old_reduce_maps))
         stack.enter_context(bench_ab.patched(gradients, "_layer_sq_norm", _old_layer_sq_norm))
         # The old cluster_every_k gave CH the points themselves, once per k.
-        stack.enter_context(bench_ab.patched(analysis, "centred", lambda points: (points,)))
+        stack.enter_context(bench_ab.patched(analysis, "centred", _old_centred))
         stack.enter_context(bench_ab.patched(analysis, "calinski_harabasz_centred", _old_calinski_harabasz))
         stack.enter_context(bench_ab.patched(analysis, "view_score", _old_view_score))
         yield
@@ -303,7 +310,19 @@ def stages(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Callable[[], Any
     def grad_stage() -> None:
         gradients.per_sample_grad_norms(model, x, y)
 
-    return {"forward": forward, "capture": capture_stage, "cluster": cluster_stage, "grad": grad_stage}
+    def fwd_bwd() -> None:
+        # The least work that sees every sample's gradient: one plain forward and backward of the probe.
+        with torch.enable_grad():
+            loss = nn.functional.cross_entropy(model(x), y, reduction="sum")
+            torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+
+    return {
+        "forward": forward,
+        "capture": capture_stage,
+        "cluster": cluster_stage,
+        "grad": grad_stage,
+        "fwd_bwd": fwd_bwd,
+    }
 
 
 def agreement(before: Any, after: Any) -> dict[str, Any]:
@@ -360,6 +379,11 @@ def run_model(name: str, model: nn.Module, x: Tensor, y: Tensor, args: argparse.
         "stages_after_s": st["after"],
         **agreement(reports["before"], reports["after"]),
     }
+    # No analysis that keeps exact per-sample gradient norms and captures in a forward of its own can cost
+    # less than that forward plus a plain forward and backward: the best ratio such an engine could reach.
+    floor = st["after"]["forward"] + st["after"]["fwd_bwd"]
+    out["floor_s"] = round(floor, 3)
+    out["ratio_bound"] = round(med["before"] / floor, 3)
     if args.compile:
         out["compile"] = compile_arm(model, x, y, args.reps, reports["after"])
 
@@ -368,6 +392,7 @@ def run_model(name: str, model: nn.Module, x: Tensor, y: Tensor, args: argparse.
     for arm in arms:
         print(f"{arm:<10}{med[arm]:>8.3f}" + "".join(f"{v:>10.3f}" for v in st[arm].values()))
     print(f"ratio before / after: x{out['ratio']} (wall x{out['ratio_wall']})")
+    print(f"floor (forward + plain forward and backward): {floor:.3f} s, so at best x{out['ratio_bound']}")
     print(
         f"agreement: same k {out['same_k']:.4f}; anomalies {out['anomalies_before']} -> {out['anomalies_after']} "
         f"({out['anomaly_flags_differ']} flags differ); top-32 outliers same: {out['top32_outliers_same']} "

@@ -1,10 +1,17 @@
 """Same-process A/B of the outlier score's per-view pass (``engine.outliers.view_score``).
 
-The score visits every cluster of every filter for every k tried. The "loop" arm is the way it was
-first written, kept here as the reference: one cluster index at a time, each cluster's points copied
-out and measured by ``engine.scores.separation_parts``. The "batched" arm is the package's: all
-clusters of all filters of a layer at once, from sums (one ``bmm`` for the clusters' sums, one for the
-points' projections), with no copy of the points. Both give each member ``sep * (sep + d) / 2``.
+The score visits every cluster of every filter for every k tried. Three arms:
+
+* "loop", the way it was first written, kept here as the reference: one cluster index at a time, each
+  cluster's points copied out and measured by ``engine.scores.separation_parts``;
+* "one_hot", the package's pass as it stood at 367fde6 (``bench_analysis_ab._old_view_score``): all
+  clusters of all filters of a layer at once, through a ``(filters, k, N)`` one-hot of every filter for
+  every k and two ``bmm``s;
+* "batched", the package's now: sizes and per-class counts from scatters over the labels, and only the
+  filters with a cluster that counts measured, each point against its own cluster (no
+  ``(filters, k, N)`` tensor).
+
+All three give each member ``sep * (sep + d) / 2``.
 
 Timed: the clustering-and-flags stage of one default analysis (``_cluster_and_flag``, both views, on
 captures made once), CPU time of this process with one intra-op thread, median over ``--reps``, the arms
@@ -21,7 +28,7 @@ import statistics
 from typing import Any
 
 import torch
-from bench_analysis_ab import run_over_models, timed
+from bench_analysis_ab import _old_view_score, run_over_models, timed
 from torch import Tensor
 
 import lightning_anomaly.engine.capture as capture
@@ -74,7 +81,7 @@ def run_model(name: str, model: torch.nn.Module, x: Tensor, y: Tensor, reps: int
         groups=classes,
         global_view=crit.global_view,
     )
-    arms = {"loop": loop_view_score, "batched": view_score}
+    arms = {"loop": loop_view_score, "one_hot": _old_view_score, "batched": view_score}
     times: dict[str, list[float]] = {a: [] for a in arms}
     reports: dict[str, Any] = {}
     try:
@@ -96,11 +103,16 @@ def run_model(name: str, model: torch.nn.Module, x: Tensor, y: Tensor, reps: int
         "filters": sum(c.n_filters for c in caps),
         "stage_s": {a: round(v, 3) for a, v in med.items()},
         "speedup": round(med["loop"] / med["batched"], 3),
+        "speedup_over_one_hot": round(med["one_hot"] / med["batched"], 3),
         "score_parts_max_rel_diff": float((parts["loop"] - parts["batched"]).abs().max() / parts["loop"].abs().max()),
+        "score_parts_max_rel_diff_one_hot": float(
+            (parts["one_hot"] - parts["batched"]).abs().max() / parts["one_hot"].abs().max()
+        ),
         "top32_overlap": len(top["loop"] & top["batched"]),
     }
     print(
-        f"{name}: cluster-and-flag stage {med['loop']:.3f} s (loop) -> {med['batched']:.3f} s (batched), x{out['speedup']}"
+        f"{name}: cluster-and-flag stage {med['loop']:.3f} s (loop), {med['one_hot']:.3f} s (one-hot, 367fde6) -> "
+        f"{med['batched']:.3f} s (now): x{out['speedup']} over the loop, x{out['speedup_over_one_hot']} over one-hot"
     )
     return out
 
