@@ -94,16 +94,22 @@ def analyze_part(
 
         bar = tqdm(total=len(layers), desc="anomaly analysis", unit="layer", leave=False)
     report = None
+    # With every row's gradient norm to compute, analyze computes them too: its gradient pass then
+    # also captures the maps, and the probe goes through the model once less.
+    whole = grad_targets is not None and bool(layers) and grad_rows == slice(None)
     try:
         if layers:
             report = analyze(
                 pl_module,
                 x,
+                grad_targets if whole else None,
                 criteria=criteria,
                 layers=layers,
                 backend=backend,
                 device=pl_module.device,
                 seed=seed,
+                loss_fn=loss_fn,
+                output_transform=output_transform,
                 forward=forward,
                 on_layer=None if bar is None else (lambda _layer: bar.update(1)),
                 classes=classes,
@@ -115,6 +121,9 @@ def analyze_part(
             bar.close()
     if grad_targets is None:
         return report, None
+    if whole:
+        assert report is not None
+        return report, report.grad_norms
     xs, ys = model_inputs(pl_module, x[grad_rows]), grad_targets[grad_rows].to(pl_module.device)
     if not xs.shape[0]:
         return report, torch.zeros(0, dtype=torch.float64)

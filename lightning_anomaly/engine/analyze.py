@@ -13,7 +13,14 @@ import torch
 from torch import Tensor, nn
 
 from lightning_anomaly.criteria import AnomalyCriteria, as_criteria
-from lightning_anomaly.engine.capture import LayerCapture, LayerSpec, capture_layers, named_exactly, select_layers
+from lightning_anomaly.engine.capture import (
+    LayerCapture,
+    LayerSpec,
+    MapStash,
+    capture_layers,
+    named_exactly,
+    select_layers,
+)
 from lightning_anomaly.engine.gmm import fit_gmm, uniform_width
 from lightning_anomaly.engine.gradients import LossFn, per_sample_grad_norms
 from lightning_anomaly.engine.outliers import count_outliers, judge_filters, score_outliers, view_score
@@ -26,6 +33,9 @@ __all__ = ["analyze", "best_by_ch", "cluster_every_k", "cluster_points"]
 
 Backend = Literal["torch", "sklearn"]
 _POINTS_PER_LAYER = 8
+# Most bytes of feature maps the gradient pass may gather for the capture (see MapStash); above,
+# the capture runs a forward of its own.
+_STASH_BYTES = 512 << 20
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -287,29 +297,39 @@ def analyze(
     classes = class_ids(labels) if labels is not None else None
 
     pca = sklearn_pca if backend == "sklearn" else batched_pca
-    # Layers chosen by default, by class or by pattern that do not run in eval mode (auxiliary heads)
-    # are left out; layers named exactly must run.
-    try:
-        captures = capture_layers(
-            model,
-            x,
-            modules,
-            criteria.n_components,
-            pca=pca,
-            forward=forward,
-            on_layer=on_layer,
-            required=named_exactly(layers),
-            groups=classes if criteria.class_conditional else None,
-            global_view=criteria.global_view,
-        )
-    except RuntimeError as err:
-        if type(err) is not RuntimeError:  # out of memory, linear algebra, NotImplementedError: as they are
-            raise
-        raise RuntimeError(
-            f"the probe forward failed on inputs of shape {tuple(x.shape)}: {err}\nIf that is a shape mismatch, "
-            "check that the probe holds what the model takes in training (images as (N, C, H, W), with the channel "
-            "dimension), or pass forward=... to say how to call the model"
-        ) from err
+    grads = None
+    stash = None
+    if targets is not None:
+        # The gradient norms' batched forward also gathers the maps, which saves the capture's own
+        # forward; on any failure the separate passes below run, and raise their own errors.
+        stash = MapStash(modules, n, _STASH_BYTES)
+        try:
+            grads = per_sample_grad_norms(
+                model, x, targets.to(x.device), loss_fn, output_transform=output_transform, forward=forward, stash=stash
+            )
+        except Exception:
+            stash.give_up()
+    capture_args: dict[str, Any] = {
+        "pca": pca,
+        "on_layer": on_layer,
+        # Layers chosen by default, by class or by pattern that do not run in eval mode (auxiliary
+        # heads) are left out; layers named exactly must run.
+        "required": named_exactly(layers),
+        "groups": classes if criteria.class_conditional else None,
+        "global_view": criteria.global_view,
+    }
+    captures = stash.captures(criteria.n_components, **capture_args) if stash is not None else None
+    if captures is None:
+        try:
+            captures = capture_layers(model, x, modules, criteria.n_components, forward=forward, **capture_args)
+        except RuntimeError as err:
+            if type(err) is not RuntimeError:  # out of memory, linear algebra, NotImplementedError: as they are
+                raise
+            raise RuntimeError(
+                f"the probe forward failed on inputs of shape {tuple(x.shape)}: {err}\nIf that is a shape mismatch, "
+                "check that the probe holds what the model takes in training (images as (N, C, H, W), with the "
+                "channel dimension), or pass forward=... to say how to call the model"
+            ) from err
     if not captures:
         raise ValueError(
             "none of the model's conv layers ran in the probe forward (eval mode); check the model's forward or "
@@ -319,8 +339,7 @@ def analyze(
 
     counts = count_outliers(layer_reports.values(), n)
 
-    grads = None
-    if targets is not None:
+    if targets is not None and grads is None:
         grads = per_sample_grad_norms(
             model, x, targets.to(x.device), loss_fn, output_transform=output_transform, forward=forward
         )

@@ -26,6 +26,7 @@ __all__ = [
     "DEGENERATE_REASONS",
     "LayerCapture",
     "LayerSpec",
+    "MapStash",
     "capture_layers",
     "eval_mode",
     "reduce_maps",
@@ -309,6 +310,40 @@ def _store(scores: Tensor, out: tuple[Tensor, Tensor], lo: int, idx: Tensor) -> 
         out[0][lo + idx[lost]] = 0
 
 
+class _Reducer:
+    """One layer's maps -> its :class:`LayerCapture`, with the analysis' settings."""
+
+    def __init__(self, n_components: int, pca: PCAFn, groups: Tensor | None, global_view: bool) -> None:
+        self.n_components, self.pca, self.groups = n_components, pca, groups
+        self.global_view = global_view and groups is not None
+
+    def __call__(self, name: str, call_index: int, maps: Tensor) -> LayerCapture:
+        """Reduce ``maps`` ``(N, C, H, W)``, the output of module ``name``'s call ``call_index``."""
+        # Out of any autocast region (bf16-mixed, fp16-mixed): the PCA runs in float32 or better.
+        with torch.autocast(maps.device.type, enabled=False):
+            global_out = None
+            if self.global_view:
+                q = min(self.n_components, maps[0, 0].numel(), maps.shape[0])
+                global_out = (
+                    maps.new_zeros(maps.shape[1], maps.shape[0], q, dtype=torch.float32),
+                    torch.zeros(maps.shape[1], dtype=torch.int8, device=maps.device),
+                )
+            extra = {} if global_out is None else {"global_out": global_out}
+            points, explained, activation, reason = reduce_maps(maps, self.n_components, self.pca, self.groups, **extra)
+        return LayerCapture(
+            name if call_index == 0 else f"{name}#{call_index}",
+            name,
+            (int(maps.shape[2]), int(maps.shape[3])),
+            points,
+            explained,
+            activation,
+            reason,
+            call_index=call_index,
+            global_points=None if global_out is None else global_out[0],
+            global_reason=None if global_out is None else global_out[1],
+        )
+
+
 def capture_layers(
     model: nn.Module,
     inputs: Any,
@@ -350,6 +385,7 @@ def capture_layers(
     """
     calls: dict[str, int] = {}
     out: list[LayerCapture] = []
+    reduce = _Reducer(n_components, pca, groups, global_view)
 
     def make_hook(name: str) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -361,36 +397,9 @@ def capture_layers(
                 )
             i = calls.get(name, 0)
             calls[name] = i + 1
-            layer = name if i == 0 else f"{name}#{i}"
-            # Out of any autocast region (bf16-mixed, fp16-mixed): the PCA runs in float32 or better.
-            with torch.autocast(output.device.type, enabled=False):
-                global_points = global_reason = None
-                if global_view and groups is not None:
-                    q = min(n_components, output[0, 0].numel(), output.shape[0])
-                    global_points = output.new_zeros(output.shape[1], output.shape[0], q, dtype=torch.float32)
-                    global_reason = torch.zeros(output.shape[1], dtype=torch.int8, device=output.device)
-                extra = (
-                    {}
-                    if global_points is None or global_reason is None
-                    else {"global_out": (global_points, global_reason)}
-                )
-                points, explained, activation, reason = reduce_maps(output.detach(), n_components, pca, groups, **extra)
-            out.append(
-                LayerCapture(
-                    layer,
-                    name,
-                    (int(output.shape[2]), int(output.shape[3])),
-                    points,
-                    explained,
-                    activation,
-                    reason,
-                    call_index=i,
-                    global_points=global_points,
-                    global_reason=global_reason,
-                )
-            )
+            out.append(reduce(name, i, output.detach()))
             if on_layer is not None:
-                on_layer(layer)
+                on_layer(out[-1].name)
 
         return hook
 
@@ -405,3 +414,113 @@ def capture_layers(
             "or check the model's forward"
         )
     return out
+
+
+class MapStash:
+    """The selected layers' outputs gathered over another pass's chunked forward, reduced afterwards.
+
+    The per-sample gradient norms run a batched forward of the probe in chunks; with a stash attached
+    to it, the capture reduces the maps of that forward instead of running one of its own. The stash
+    holds a copy of every selected layer's output for the whole probe, so it gives up (and frees what
+    it held) once that would pass ``max_bytes``; also when a layer's output is not a 4-D tensor or a
+    module's calls do not line up over the chunks. :meth:`captures` then returns ``None`` and the caller
+    runs :func:`capture_layers`.
+
+    Args:
+        layers: ``(name, module)`` pairs from :func:`select_layers`.
+        n_samples: Probe size: the rows each call of a module must add up to over the chunks.
+        max_bytes: Most bytes of maps to hold.
+    """
+
+    def __init__(self, layers: Sequence[tuple[str, nn.Module]], n_samples: int, max_bytes: int) -> None:
+        self.layers = list(layers)
+        self.n_samples = n_samples
+        self.max_bytes = max_bytes
+        self.held = 0
+        self.failed = False
+        self._maps: dict[str, list[Tensor]] = {name: [] for name, _ in self.layers}
+
+    def give_up(self) -> None:
+        """Drop everything held; :meth:`captures` returns ``None`` from now on."""
+        self.failed = True
+        self._maps = {}
+        self.held = 0
+
+    def attach(self) -> list[torch.utils.hooks.RemovableHandle]:
+        """Forward hooks on the selected modules, for the caller to remove."""
+
+        def make_hook(name: str) -> Callable[[nn.Module, Any, Any], None]:
+            def hook(module: nn.Module, args: Any, output: Any) -> None:
+                if self.failed:
+                    return
+                if not isinstance(output, Tensor) or output.ndim != 4:
+                    self.give_up()  # capture_layers raises the error that names the layer
+                    return
+                self.held += output.numel() * output.element_size()
+                if self.held > self.max_bytes:
+                    self.give_up()
+                    return
+                # A copy: later in-place operations (ReLU(inplace=True), out += x) would change the output.
+                self._maps[name].append(output.detach().clone())
+
+            return hook
+
+        return [module.register_forward_hook(make_hook(name)) for name, module in self.layers]
+
+    def captures(
+        self,
+        n_components: int,
+        *,
+        pca: PCAFn = batched_pca,
+        on_layer: Callable[[str], None] | None = None,
+        required: Collection[str] | None = None,
+        groups: Tensor | None = None,
+        global_view: bool = False,
+    ) -> list[LayerCapture] | None:
+        """The layers as :func:`capture_layers` returns them (same arguments), or ``None`` if the stash gave up.
+
+        Each layer's copy is freed once reduced.
+        """
+        calls = {}
+        for name, _ in self.layers:
+            calls[name] = self._split_calls(name) if not self.failed else None
+            if calls[name] is None or (not calls[name] and (required is None or name in required)):
+                self.give_up()  # a required module that never ran: capture_layers raises
+                return None
+        reduce = _Reducer(n_components, pca, groups, global_view)
+        out = []
+        for name, _ in self.layers:  # definition order, then call order, as capture_layers
+            parts = calls[name]
+            assert parts is not None
+            self._maps.pop(name)
+            for i in range(len(parts)):
+                maps = torch.cat(parts[i]) if len(parts[i]) > 1 else parts[i][0]
+                parts[i] = []
+                out.append(reduce(name, i, maps))
+                del maps
+                if on_layer is not None:
+                    on_layer(out[-1].name)
+        self.held = 0
+        return out
+
+    def _split_calls(self, name: str) -> list[list[Tensor]] | None:
+        """Module ``name``'s outputs as one list of chunks per call, or ``None`` if they do not line up.
+
+        A forward of a chunk calls the module ``r`` times in the same order, so its outputs arrive as
+        runs of ``r`` with one batch size per run, which add up to the probe over the chunks.
+        """
+        seen = self._maps[name]
+        rows = sum(int(t.shape[0]) for t in seen)
+        if rows % self.n_samples:
+            return None
+        r = rows // self.n_samples
+        if r == 0:
+            return []
+        parts: list[list[Tensor]] = [[] for _ in range(r)]
+        for lo in range(0, len(seen), r):
+            run = seen[lo : lo + r]
+            if len(run) != r or any(t.shape != run[0].shape for t in run):
+                return None
+            for i, t in enumerate(run):
+                parts[i].append(t)
+        return parts

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from lightning_anomaly.engine.capture import eval_mode
+from lightning_anomaly.engine.capture import MapStash, eval_mode
 
 __all__ = ["per_sample_grad_norms"]
 
@@ -54,6 +54,7 @@ def per_sample_grad_norms(
     output_transform: Callable[[Any], Tensor] | None = None,
     method: Method = "auto",
     forward: Callable[[nn.Module, Tensor], Any] | None = None,
+    stash: MapStash | None = None,
 ) -> Tensor:
     """L2 norm of the loss gradient with respect to all trainable parameters, one per sample.
 
@@ -78,6 +79,9 @@ def per_sample_grad_norms(
         method: ``"auto"`` (ghost where it applies, else vmap, else loop) or one of them.
         forward: ``(model, inputs) -> output``; ``model(inputs)`` by default (models without a
             ``forward``, extra arguments, autocast).
+        stash: Gathers the selected layers' maps from the ghost method's batched forward, so that
+            :func:`~lightning_anomaly.engine.analyze` needs no capture forward of its own; it gives up
+            when another method runs.
 
     Returns:
         ``(N,)`` float64 on the CPU.
@@ -96,7 +100,7 @@ def per_sample_grad_norms(
         model = _Forward(model, forward)
     with eval_mode(model), torch.enable_grad():
         if method in ("auto", "ghost"):
-            norms = _ghost(model, inputs, targets, loss, transform, chunk_size)
+            norms = _ghost(model, inputs, targets, loss, transform, chunk_size, stash)
             if norms is not None:
                 return norms
             if method == "ghost":
@@ -104,6 +108,8 @@ def per_sample_grad_norms(
                     "method='ghost' covers models whose parameters all belong to Conv2d, Linear and BatchNorm "
                     "layers, each called once per forward; use method='auto'"
                 )
+        if stash is not None:
+            stash.give_up()  # the other methods' forwards are per sample or traced: nothing to share
         if method in ("auto", "vmap"):
             try:
                 return _vmap(model, inputs, targets, loss, transform, max(1, chunk_size // 4))
@@ -320,7 +326,13 @@ def _layer_sq_norm(m: nn.Module, x: Tensor, d: Tensor) -> Tensor:
 
 
 def _ghost(
-    model: nn.Module, inputs: Tensor, targets: Tensor, loss: LossFn, transform: Callable[[Any], Tensor], chunk: int
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    loss: LossFn,
+    transform: Callable[[Any], Tensor],
+    chunk: int,
+    stash: MapStash | None = None,
 ) -> Tensor | None:
     owners = _owners(model)
     if owners is None:
@@ -337,6 +349,8 @@ def _ghost(
             return output.clone()
 
         handles = [m.register_forward_hook(hook) for m in owners]
+        if stash is not None:
+            handles += stash.attach()
         try:
             out = transform(model(x))
         finally:
