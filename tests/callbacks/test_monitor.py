@@ -263,3 +263,22 @@ def test_run_analysis_outside_a_fit_selects_its_layers(tmp_path):
     report = monitor.run_analysis(trainer, model)
     assert list(report.layers) == ["conv1", "conv2"]
     assert report.n_samples == 32 and report.grad_norms is not None and report.grad_norms.shape == (32,)
+
+
+def test_an_analysis_sends_the_probe_through_the_model_once(tmp_path):
+    from lightning_anomaly.engine.gradients import per_sample_grad_norms
+
+    trainer, model = fit(tmp_path, max_epochs=1)
+    x, y = make_data(40).tensors
+    monitor = AnomalyFilterCallback(probe=(x, y), history_file=None)
+    monitor.run_analysis(trainer, model)  # the first also checks the probe with a forward of its own
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        report = monitor.run_analysis(trainer, model)
+    finally:
+        handle.remove()
+    # The gradient norms' batched forward (one chunk of 40) also feeds the capture.
+    assert len(calls) == 1
+    assert torch.allclose(report.grad_norms, per_sample_grad_norms(model, x, y), rtol=1e-6)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
