@@ -212,7 +212,9 @@ def analyze(
     fitted per filter for every k in ``criteria.k_range`` (all filters of all layers batched);
     the k with the largest Calinski-Harabasz index is kept; filters are flagged by
     :meth:`AnomalyCriteria.flag`. Samples in the smallest cluster of an anomaly filter are the
-    *outliers*; with ``targets``, their per-sample gradient norms are compared with the others'.
+    *outliers*; with ``targets``, their per-sample gradient norms are compared with the others'. The
+    gradient norms' batched forward then also provides the maps (when they fit in 512 MiB), so the
+    probe goes through the model once.
 
     The model's train/eval modes are restored, every hook is removed, and no global random number
     is drawn. Same model, probe and seed give the same report.
