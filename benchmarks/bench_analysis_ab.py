@@ -6,16 +6,17 @@ times the second view), which captures and reduces every conv's maps, clusters e
 k = 2..6, flags, and computes the per-sample gradient norms with ``per_sample_grad_norms``'s
 defaults (the callback's own call).
 
-The "before" arm runs the capture in a forward of its own, as the engine did, and swaps the engine
-code as it stood before issue 16 into the package for its turn: ``bench_ab.py``'s ``_old_fit_batched`` and ``_old_batched_pca`` (mixture fit and PCA), and, copied
-below, the old ``capture.reduce_maps``, ``gradients._layer_sq_norm`` (unchanged before issue 16,
-see ``git log -- lightning_anomaly/engine/gradients.py``) and ``scores.calinski_harabasz`` (called once
-per k on the raw points). The outlier score's ``outliers.view_score`` came after issue 16 was filed; the
-"before" arm runs it as it stood on 2026-12-06 (367fde6, already batched over clusters), so the ratio
-counts only what changed since. The arms alternate (order flipped every
-repetition); each figure is the median over ``--reps``. Timing is CPU time of this process with one
-intra-op thread (a second job on the machine slows the wall clock, not these figures); wall-clock
-ratios are printed beside. Ratios are before / after.
+The "before" arm runs the capture in a forward of its own, as the engine did, and swaps the engine code
+as it stood before issue 16 into the package for its turn: ``bench_ab.py``'s ``_old_fit_batched`` and
+``_old_batched_pca`` (mixture fit and PCA), and, copied below, the old ``capture.reduce_maps``,
+``gradients._layer_sq_norm`` (unchanged before issue 16, see ``git log --
+lightning_anomaly/engine/gradients.py``) and ``scores.calinski_harabasz`` (called once per k on the raw
+points). The outlier score's ``outliers.view_score`` came after issue 16 was filed; the "before" arm
+runs it as it stood on 2026-12-06 (367fde6, already batched over clusters), so the ratio counts only
+what changed since. The arms alternate (order flipped every repetition); each figure is the median over
+``--reps``. Timing is CPU time of this process with one intra-op thread (a second job on the machine
+slows the wall clock, not these figures); wall-clock ratios are printed beside. Ratios are before /
+after.
 
 Models, probe of 256 digits (scikit-learn's, upscaled to 32x32, no download):
   * ``small_cnn``: four 3x3 convs at full 32x32 resolution (16 + 32 + 64 + 80 = 192 filters),

@@ -446,8 +446,15 @@ class MapStash:
         self._maps = {}
         self.held = 0
 
-    def attach(self) -> list[torch.utils.hooks.RemovableHandle]:
-        """Forward hooks on the selected modules, for the caller to remove."""
+    def attach(self, copied: Collection[nn.Module] = ()) -> list[torch.utils.hooks.RemovableHandle]:
+        """Forward hooks on the selected modules, for the caller to remove.
+
+        Args:
+            copied: Modules whose output a hook registered after these replaces with a copy (the
+                gradient pass does so for the layers it differentiates by): nothing downstream can
+                change their own output, so it is kept as it is instead of copied once more.
+        """
+        keep = {id(m) for m in copied}
 
         def make_hook(name: str) -> Callable[[nn.Module, Any, Any], None]:
             def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -460,8 +467,9 @@ class MapStash:
                 if self.held > self.max_bytes:
                     self.give_up()
                     return
-                # A copy: later in-place operations (ReLU(inplace=True), out += x) would change the output.
-                self._maps[name].append(output.detach().clone())
+                # Otherwise a copy: later in-place operations (ReLU(inplace=True), out += x) would change it.
+                out = output.detach()
+                self._maps[name].append(out if id(module) in keep else out.clone())
 
             return hook
 

@@ -348,9 +348,10 @@ def _ghost(
             seen[module].append((args[0].detach().clone(), output))
             return output.clone()
 
-        handles = [m.register_forward_hook(hook) for m in owners]
-        if stash is not None:
-            handles += stash.attach()
+        # The stash's hooks first: they see each owner's own output, which the hook below keeps for the
+        # gradient and replaces downstream with a copy, so the stash need not copy it again.
+        handles = stash.attach(copied=owners) if stash is not None else []
+        handles += [m.register_forward_hook(hook) for m in owners]
         try:
             out = transform(model(x))
         finally:
